@@ -1,0 +1,413 @@
+"""Optax transforms that own block sparsity: proximal block lasso, gradual pruning, mask keeping.
+
+Each is a ``GradientTransformation`` with a ``NamedTuple`` state and works under ``jit`` and
+``vmap`` (all settings — strength, compression — are values). They compose with
+``optax.chain`` around any inner optimizer::
+
+    tx = keep_masks(optax.chain(
+        optax.adam(lr),
+        proximal_block_lasso(strength, block_shapes, until=begin),
+        gradual_block_pruning(block_shapes, compression, begin=begin, end=end, frequency=100),
+    ))
+
+or, the same thing, :func:`block_sparse_chain`. Parameters are addressed by the ``/``-joined
+path of their keys (``"params/Dense_0/kernel"``); ``block_shapes`` maps such paths to
+``(bm, bn)``; other parameters are left alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from qsparse import sparsity
+
+
+def path_str(key_path) -> str:
+    """``/``-joined string of a JAX key path (dict keys, attribute names, indices).
+
+    Args:
+      key_path: a key path from ``jax.tree_util.tree_map_with_path``.
+
+    Returns:
+      e.g. ``"params/Dense_0/kernel"``.
+    """
+    parts = []
+    for k in key_path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _check_paths(params, block_shapes: Mapping[str, Any]):
+    paths = {path_str(kp) for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    missing = sorted(set(block_shapes) - paths)
+    if missing:
+        raise ValueError(
+            f"block_shapes names parameters that do not exist: {missing}; "
+            f"parameters are {sorted(paths)}"
+        )
+
+
+def _value_for(value, path):
+    """A per-parameter value: a mapping by path, or one value for all."""
+    if isinstance(value, Mapping):
+        return value[path]
+    return value
+
+
+def compression_schedule(step, target, begin, end):
+    """Cubic gradual-pruning schedule (Zhu & Gupta, 2017) expressed as compression.
+
+    Sparsity ``s_t = s_f * (1 - (1 - f)**3)`` with ``f = clip((step - begin) / (end - begin))``
+    and final sparsity ``s_f = 1 - 1 / target``; compression is ``1 / (1 - s_t)``.
+
+    Args:
+      step: current step (value).
+      target: final compression ratio >= 1 (value).
+      begin: first pruning step.
+      end: step at which the target is reached.
+
+    Returns:
+      float32 compression ratio at ``step`` (1 before ``begin``, ``target`` from ``end``).
+    """
+    step = jnp.asarray(step, jnp.float32)
+    span = jnp.maximum(jnp.asarray(end - begin, jnp.float32), 1.0)
+    frac = jnp.clip((step - begin) / span, 0.0, 1.0)
+    frac = jnp.where(step >= end, 1.0, frac)
+    s_f = 1.0 - 1.0 / jnp.maximum(jnp.asarray(target, jnp.float32), 1.0)
+    s_t = s_f * (1.0 - (1.0 - frac) ** 3)
+    return 1.0 / (1.0 - s_t)
+
+
+class ProxState(NamedTuple):
+    """State of :func:`proximal_block_lasso`: the step count."""
+
+    count: jax.Array
+
+
+def proximal_block_lasso(
+    strength, block_shapes: Mapping[str, tuple[int, int]], *, until: int | None = None
+) -> optax.GradientTransformation:
+    """Proximal step of the block (group) lasso after the inner optimizer.
+
+    The returned update lands each sparsified kernel on ``prox(params + inner_update)`` with
+    threshold ``strength`` (i.e. ``t * lambda``: step size times regularisation weight), so
+    weak blocks become exactly zero during training, ahead of pruning.
+
+    Args:
+      strength: threshold ``t * lambda`` >= 0 (value, may be traced / vmapped).
+      block_shapes: kernel path -> ``(bm, bn)``.
+      until: apply only while ``count < until`` (e.g. until pruning begins); None: always.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+
+    Example:
+      >>> tx = optax.chain(optax.sgd(0.1), proximal_block_lasso(1e-3, {"w": (4, 4)}))
+    """
+
+    def init_fn(params):
+        _check_paths(params, block_shapes)
+        return ProxState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("proximal_block_lasso needs params: call update(u, s, params)")
+        active = jnp.asarray(True) if until is None else state.count < until
+
+        def one(kp, u, p):
+            path = path_str(kp)
+            if path not in block_shapes:
+                return u
+            new = p + u
+            shrunk = sparsity.prox_block_lasso(new, block_shapes[path], strength)
+            return jnp.where(active, shrunk - p, u)
+
+        updates = jax.tree_util.tree_map_with_path(one, updates, params)
+        return updates, ProxState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class PruneState(NamedTuple):
+    """State of :func:`gradual_block_pruning`.
+
+    Attributes:
+      count: step count.
+      masks: params-shaped tree of 0/1 masks; scalar 1 for parameters that are not pruned.
+    """
+
+    count: jax.Array
+    masks: Any
+
+
+def _ones_masks(params, block_shapes):
+    def one(kp, p):
+        if path_str(kp) in block_shapes:
+            return jnp.ones(p.shape, jnp.float32)
+        return jnp.ones([], jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def compute_masks(
+    params,
+    block_shapes: Mapping[str, tuple[int, int]],
+    compression,
+    *,
+    balanced: bool = False,
+    scope: str = "layer",
+):
+    """Block masks for every sparsified parameter of a tree.
+
+    Args:
+      params: parameter tree.
+      block_shapes: kernel path -> ``(bm, bn)``.
+      compression: ratio (value) or mapping path -> ratio (``scope="layer"`` only).
+      balanced: equal kept blocks per block row (per-layer scope only).
+      scope: ``"layer"`` (each layer keeps ``1/compression`` of its blocks) or ``"global"``
+        (one budget across all sparsified layers).
+
+    Returns:
+      params-shaped tree of masks (scalar 1 where not sparsified).
+    """
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope={scope!r} is not allowed: use 'layer' or 'global'")
+    flat = {path_str(kp): p for kp, p in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if scope == "global":
+        if isinstance(compression, Mapping):
+            raise ValueError("scope='global' takes one compression value, not a mapping")
+        gm = sparsity.global_block_masks(
+            {k: flat[k] for k in block_shapes}, block_shapes, compression
+        )
+    else:
+        gm = {
+            k: sparsity.expand_block_mask(
+                sparsity.block_keep(
+                    sparsity.block_norms(flat[k], bs), _value_for(compression, k), balanced=balanced
+                ),
+                bs,
+                flat[k].shape,
+            )
+            for k, bs in block_shapes.items()
+        }
+
+    def one(kp, p):
+        path = path_str(kp)
+        return gm[path] if path in gm else jnp.ones([], jnp.float32)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def gradual_block_pruning(
+    block_shapes: Mapping[str, tuple[int, int]],
+    compression,
+    *,
+    begin: int,
+    end: int,
+    frequency: int = 100,
+    balanced: bool = False,
+    scope: str = "layer",
+) -> optax.GradientTransformation:
+    """Gradual block pruning to a target compression on the cubic schedule.
+
+    On schedule steps (``begin <= count <= end`` and ``(count - begin) % frequency == 0``)
+    the masks are recomputed from ``params + update`` at the scheduled compression
+    (:func:`compression_schedule`); otherwise the stored masks are reused (``lax.cond``: no
+    mask work on other steps). After ``end`` the masks are frozen. The returned update lands
+    the parameters on ``mask * (params + update)``, so pruned blocks are exactly zero.
+
+    Args:
+      block_shapes: kernel path -> ``(bm, bn)``.
+      compression: target ratio >= 1 (value or mapping path -> value).
+      begin: first pruning step.
+      end: last pruning step (target reached); ``end >= begin``.
+      frequency: steps between mask updates (> 0).
+      balanced: equal kept blocks per block row.
+      scope: ``"layer"`` or ``"global"``.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`PruneState`; ``update`` needs params.
+    """
+    if not (0 <= begin <= end):
+        raise ValueError(
+            f"prune schedule begin={begin}, end={end} is not allowed: need 0 <= begin <= end"
+        )
+    if frequency < 1:
+        raise ValueError(f"frequency={frequency} is not allowed: use an integer >= 1")
+    if not isinstance(compression, Mapping):
+        sparsity.check_compression(compression)
+
+    def init_fn(params):
+        _check_paths(params, block_shapes)
+        return PruneState(count=jnp.zeros([], jnp.int32), masks=_ones_masks(params, block_shapes))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("gradual_block_pruning needs params: call update(u, s, params)")
+        count = state.count
+        on_schedule = (count >= begin) & (count <= end) & ((count - begin) % frequency == 0)
+        new_params = jax.tree.map(lambda p, u: p + u, params, updates)
+
+        def recompute(_):
+            if isinstance(compression, Mapping):
+                c_t = {
+                    k: compression_schedule(count, v, begin, end) for k, v in compression.items()
+                }
+            else:
+                c_t = compression_schedule(count, compression, begin, end)
+            return compute_masks(new_params, block_shapes, c_t, balanced=balanced, scope=scope)
+
+        masks = jax.lax.cond(on_schedule, recompute, lambda _: state.masks, None)
+        updates = jax.tree.map(
+            lambda p, np_, m: (np_ * m).astype(p.dtype) - p, params, new_params, masks
+        )
+        return updates, PruneState(count=optax.safe_increment(count), masks=masks)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+class KeepMasksState(NamedTuple):
+    """State of :func:`keep_masks`.
+
+    Attributes:
+      inner_state: the wrapped transform's state.
+      masks: fixed masks, or ``None`` to use the masks of a :class:`PruneState` inside.
+    """
+
+    inner_state: Any
+    masks: Any
+
+
+def find_masks(state):
+    """The masks of the first :class:`PruneState` or :class:`KeepMasksState` inside ``state``.
+
+    Args:
+      state: an optimizer state (any nesting of tuples, NamedTuples, dicts, lists).
+
+    Returns:
+      The params-shaped mask tree, or ``None`` if there is none.
+    """
+    if isinstance(state, PruneState):
+        return state.masks
+    if isinstance(state, KeepMasksState):
+        return state.masks if state.masks is not None else find_masks(state.inner_state)
+    children = (
+        state.values()
+        if isinstance(state, dict)
+        else (state if isinstance(state, (tuple, list)) else ())
+    )
+    for child in children:
+        found = find_masks(child)
+        if found is not None:
+            return found
+    return None
+
+
+def _zero_pruned(node, masks, treedef):
+    """Multiplies every params-shaped subtree of an optimizer state by the masks."""
+    if isinstance(node, PruneState):
+        return node
+    if jax.tree.structure(node) == treedef:
+        return jax.tree.map(lambda x, m: (x * m).astype(x.dtype), node, masks)
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return type(node)(*(_zero_pruned(c, masks, treedef) for c in node))
+    if isinstance(node, (tuple, list)):
+        return type(node)(_zero_pruned(c, masks, treedef) for c in node)
+    if isinstance(node, dict):
+        return {k: _zero_pruned(v, masks, treedef) for k, v in node.items()}
+    return node
+
+
+def keep_masks(inner: optax.GradientTransformation, masks=None) -> optax.GradientTransformation:
+    """Keeps pruned blocks exactly zero and resets the inner optimizer's moments for them.
+
+    After every inner update the parameters land on ``mask * (params + update)`` and every
+    params-shaped part of the inner state (Adam's ``mu`` and ``nu``, momentum, ...) is
+    multiplied by the mask, so a pruned weight has no stale moment to come back with.
+
+    Args:
+      inner: the optimizer (chain) to wrap.
+      masks: fixed params-shaped 0/1 masks (fine-tuning with frozen masks), or ``None`` to
+        follow the masks of a :func:`gradual_block_pruning` inside ``inner``.
+
+    Returns:
+      An ``optax.GradientTransformation`` with :class:`KeepMasksState`.
+    """
+
+    def init_fn(params):
+        inner_state = inner.init(params)
+        if masks is None and find_masks(inner_state) is None:
+            raise ValueError("keep_masks(masks=None) needs a gradual_block_pruning inside inner")
+        return KeepMasksState(inner_state=inner_state, masks=masks)
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("keep_masks needs params: call update(u, s, params)")
+        updates, inner_state = inner.update(updates, state.inner_state, params)
+        m = state.masks if state.masks is not None else find_masks(inner_state)
+        updates = jax.tree.map(
+            lambda p, u, mk: ((p + u) * mk).astype(p.dtype) - p, params, updates, m
+        )
+        inner_state = _zero_pruned(inner_state, m, jax.tree.structure(params))
+        return updates, KeepMasksState(inner_state=inner_state, masks=state.masks)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def block_sparse_chain(
+    inner: optax.GradientTransformation,
+    block_shapes: Mapping[str, tuple[int, int]],
+    compression,
+    *,
+    prox_strength=0.0,
+    begin: int,
+    end: int,
+    frequency: int = 100,
+    balanced: bool = False,
+    scope: str = "layer",
+) -> optax.GradientTransformation:
+    """The three phases in one transform: proximal training, gradual pruning, frozen masks.
+
+    Steps ``< begin``: inner update then block-lasso prox. ``begin .. end``: cubic pruning
+    with masks recomputed every ``frequency`` steps. ``> end``: masks frozen (fine-tuning).
+    Throughout, pruned blocks are exactly zero and their inner moments are reset.
+
+    Args:
+      inner: the base optimizer (e.g. ``optax.adam(lr)``).
+      block_shapes: kernel path -> ``(bm, bn)``.
+      compression: target ratio (value or mapping path -> value).
+      prox_strength: block-lasso threshold per step (value).
+      begin: first pruning step.
+      end: last pruning step.
+      frequency: steps between mask updates.
+      balanced: equal kept blocks per block row.
+      scope: ``"layer"`` or ``"global"``.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+    """
+    return keep_masks(
+        optax.chain(
+            inner,
+            proximal_block_lasso(prox_strength, block_shapes, until=begin),
+            gradual_block_pruning(
+                block_shapes,
+                compression,
+                begin=begin,
+                end=end,
+                frequency=frequency,
+                balanced=balanced,
+                scope=scope,
+            ),
+        )
+    )

@@ -1,0 +1,226 @@
+"""k-bit quantizers for weights and activations with straight-through gradients.
+
+Every function here is plain `jnp`: bit widths are *values* (Python numbers or traced
+arrays), never static arguments, so one compiled program serves every precision and
+`jax.vmap` over an array of bit widths works. ``bits >= 32`` means full precision.
+
+Level sets (symmetric, ``zero_level=True``, the default):
+
+* ``bits == 1``: binary ``{-a, +a}`` with ``a`` the scale (mean-abs by default).
+* ``bits >= 2``: the ``2 * n + 1`` integers ``-n .. n`` times a step, ``n = 2**(bits-1) - 1``.
+  Zero is a level, so 2-bit weights are ternary ``{-s, 0, +s}`` (one of the four codes unused);
+  this keeps pruned weights representable and suits block sparsity.
+* ``zero_level=False`` gives the mid-rise set ``(-2**(bits-1) + 1/2 .. 2**(bits-1) - 1/2) * s``,
+  all ``2**bits`` codes used, no zero.
+
+Activations are unsigned after ReLU: ``2**bits`` levels ``0, c/(2**bits-1), ..., c`` on ``[0, c]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+FULL_PRECISION = 32
+SCALE_MODES = ("max", "mean", "learned")
+
+
+def check_bits(bits, name: str = "bits") -> None:
+    """Validates concrete bit widths; traced values pass through unchecked.
+
+    Args:
+      bits: an int, float or array of bit widths.
+      name: the argument name used in the error message.
+
+    Raises:
+      ValueError: a bit width is not an integer in 1..32.
+    """
+    if isinstance(bits, jax.core.Tracer):
+        return
+    vals = [float(v) for v in np.ravel(np.asarray(bits)).tolist()]
+    for v in vals:
+        if v != int(v) or v < 1 or v > FULL_PRECISION:
+            raise ValueError(
+                f"{name}={v:g} is not allowed: bit widths are integers 1..32 (32 = full precision)"
+            )
+
+
+@jax.custom_vjp
+def round_ste(x):
+    """Rounds to the nearest integer with a straight-through (identity) gradient.
+
+    Args:
+      x: array.
+
+    Returns:
+      ``jnp.round(x)``; the backward pass passes the cotangent unchanged.
+    """
+    return jnp.round(x)
+
+
+def _round_fwd(x):
+    return jnp.round(x), None
+
+
+def _round_bwd(_, g):
+    return (g,)
+
+
+round_ste.defvjp(_round_fwd, _round_bwd)
+
+
+def weight_levels(bits, zero_level: bool = True):
+    """Largest integer code magnitude ``n`` for a k-bit symmetric quantizer.
+
+    Args:
+      bits: bit width (value, may be traced).
+      zero_level: whether zero is a level (``n = 2**(b-1) - 1``) or mid-rise (``2**(b-1) - 1/2``).
+
+    Returns:
+      ``n`` as a float array: codes lie in ``[-n, n]``.
+    """
+    bits = jnp.asarray(bits, jnp.float32)
+    half = jnp.exp2(bits - 1.0)
+    return half - 1.0 if zero_level else half - 0.5
+
+
+def weight_step(
+    w, bits, *, per_channel: bool = False, scale_mode: str = "max", zero_level: bool = True
+):
+    """The quantization step (scale) a weight tensor gets from its statistics.
+
+    ``max``: ``max|w| / n`` (no weight clipped). ``mean``: ``2 * mean|w| / sqrt(n)`` over the
+    non-zero weights (the LSQ initialisation; clips outliers). For ``bits == 1`` the step is
+    the binary magnitude ``mean|w|`` (``max|w|`` for ``max``). Per-channel statistics reduce
+    over all axes but the last.
+
+    Args:
+      w: weight array.
+      bits: bit width (value).
+      per_channel: one step per output channel (last axis) instead of one per tensor.
+      scale_mode: ``"max"`` or ``"mean"``.
+      zero_level: level set choice, as in :func:`quantize_weight`.
+
+    Returns:
+      The step, shape ``()`` or ``(w.shape[-1],)``; stop-gradient applied.
+    """
+    axes = tuple(range(w.ndim - 1)) if per_channel else None
+    absw = jnp.abs(w)
+    n = weight_levels(bits, zero_level)
+    if scale_mode == "max":
+        m = jnp.max(absw, axis=axes)
+        step = jnp.where(jnp.asarray(bits) <= 1, m, m / jnp.maximum(n, 0.5))
+    elif scale_mode == "mean":
+        # Mean over the non-zero weights, so pruned blocks do not shrink the step.
+        nz = jnp.maximum(jnp.sum((absw > 0).astype(w.dtype), axis=axes), 1.0)
+        m = jnp.sum(absw, axis=axes) / nz
+        step = jnp.where(jnp.asarray(bits) <= 1, m, 2.0 * m / jnp.sqrt(jnp.maximum(n, 0.5)))
+    else:
+        raise ValueError(f"scale_mode={scale_mode!r} is not allowed: use 'max' or 'mean' here")
+    return jax.lax.stop_gradient(jnp.maximum(step, 1e-12))
+
+
+def quantize_weight(
+    w,
+    bits,
+    *,
+    per_channel: bool = False,
+    scale_mode: str = "max",
+    step=None,
+    zero_level: bool = True,
+):
+    """Symmetric uniform k-bit weight quantizer (fake-quant) with straight-through gradients.
+
+    ``q = clip(round(w / s), -n, n) * s``; rounding is straight-through and the clip has zero
+    gradient outside ``[-n s, n s]``. With a learned ``step`` (LSQ-style) the gradient reaches
+    ``s`` too. ``bits == 1`` is binary ``sign(w) * s``; ``bits >= 32`` returns ``w`` unchanged.
+    The level set holds zero by default (2-bit = ternary); see the module docstring.
+
+    Args:
+      w: weight array (kernel).
+      bits: bit width, a value (int, float or traced array), 1..32.
+      per_channel: one scale per output channel (last axis).
+      scale_mode: ``"max"``, ``"mean"`` (statistics of ``w``) or ``"learned"`` (use ``step``).
+      step: the learned step size, shape ``()`` or ``(w.shape[-1],)``; required for ``"learned"``.
+      zero_level: ``True`` for the level set with zero, ``False`` for mid-rise ``2**bits`` levels.
+
+    Returns:
+      The fake-quantized weights, same shape and dtype as ``w``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> w = jax.random.normal(jax.random.key(0), (16, 8))
+      >>> q = jax.vmap(lambda b: quantize_weight(w, b))(jnp.array([1, 2, 8, 32]))
+    """
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"scale_mode={scale_mode!r} is not allowed: use one of {SCALE_MODES}")
+    check_bits(bits)
+    if scale_mode == "learned":
+        if step is None:
+            raise ValueError("step=None is not allowed with scale_mode='learned': pass the step")
+        s = jnp.maximum(jnp.abs(step), 1e-8)
+    else:
+        s = weight_step(
+            w, bits, per_channel=per_channel, scale_mode=scale_mode, zero_level=zero_level
+        )
+    bits = jnp.asarray(bits, jnp.float32)
+    n = weight_levels(bits, zero_level)
+    x = w / s
+    if zero_level:
+        # Clip before rounding: the gradient is zero outside the range.
+        multi = round_ste(jnp.clip(x, -n, n))
+    else:
+        multi = round_ste(jnp.clip(x, -n, n) - 0.5) + 0.5
+    # Binary: sign with a straight-through gradient inside [-1, 1] (in units of s).
+    xb = jnp.clip(x, -1.0, 1.0)
+    binary = xb + jax.lax.stop_gradient(jnp.where(x >= 0, 1.0, -1.0) - xb)
+    codes = jnp.where(bits <= 1, binary, multi)
+    q = (codes * s).astype(w.dtype)
+    return jnp.where(bits >= FULL_PRECISION, w, q)
+
+
+def weight_codes(w, bits, step, zero_level: bool = True):
+    """Integer codes of already-quantized weights (for export).
+
+    Args:
+      w: weights, normally the output of :func:`quantize_weight`.
+      bits: concrete bit width (< 32).
+      step: the step the weights were quantized with.
+      zero_level: the level set used.
+
+    Returns:
+      Signed integer codes as int32: ``w / step`` rounded (binary: ``-1`` or ``+1``; mid-rise:
+      ``floor(w / step)``, so ``-n-1/2 .. n-1/2`` maps to ``-2**(b-1) .. 2**(b-1)-1``).
+    """
+    x = w / step
+    if bits <= 1:
+        return jnp.where(x >= 0, 1, -1).astype(jnp.int32)
+    if zero_level:
+        return jnp.round(x).astype(jnp.int32)
+    return jnp.floor(x).astype(jnp.int32)
+
+
+def quantize_activation(x, bits, clip):
+    """Unsigned k-bit activation quantizer on ``[0, clip]``; replaces the ReLU.
+
+    ``q = round(clip(x, 0, c) / d) * d`` with ``d = c / (2**bits - 1)``; rounding is
+    straight-through and the gradient is zero outside ``[0, c]``. A learned (PACT-style)
+    ``clip`` receives the gradient of the clipped part. ``bits >= 32`` returns ``relu(x)``.
+
+    Args:
+      x: pre-activation array.
+      bits: bit width, a value, 1..32.
+      clip: the clipping level ``c > 0`` (fixed value or trainable parameter).
+
+    Returns:
+      The fake-quantized activations, same shape and dtype as ``x``.
+    """
+    check_bits(bits)
+    bits = jnp.asarray(bits, jnp.float32)
+    c = jnp.maximum(jnp.abs(jnp.asarray(clip, x.dtype)), 1e-6)
+    levels = jnp.exp2(bits) - 1.0
+    d = c / levels
+    y = jnp.clip(x, 0.0, c)
+    q = (round_ste(y / d) * d).astype(x.dtype)
+    return jnp.where(bits >= FULL_PRECISION, jax.nn.relu(x), q)

@@ -1,0 +1,347 @@
+"""Pure training and evaluation steps for a wrapped model, driven by a spec of values.
+
+``train_step(state, batch, spec) -> (state, metrics)`` is one pure function: the optimizer
+(inner Adam with warmup + cosine decay, proximal block lasso, gradual pruning, mask keeping)
+is built *inside* the traced step from the spec's values, so the same compiled program serves
+every bit width, compression, learning rate and prox strength, and ``jax.vmap`` over a
+stacked spec trains a sweep. Only shapes and the phase boundaries (:class:`Schedule`) are
+static.
+
+The spec is ``{"layers": plan spec, "learning_rate": f32, "prox_strength": f32}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from qsparse import optim
+from qsparse.wrap import Plan
+
+PARAMS = "params"  # the model's parameters inside the trainable tree
+QUANT = "quant"  # the quantizers' trainable parameters (LSQ steps, PACT clips)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Static facts of a training run (steps and phase boundaries).
+
+    Attributes:
+      total_steps: optimizer steps in the run.
+      prune_begin: first pruning step (the block-lasso prox runs before it).
+      prune_end: step at which the target compression is reached; masks frozen after it.
+      prune_every: steps between mask updates while pruning.
+      warmup_steps: linear learning-rate warmup.
+      balanced: equal kept blocks per block row.
+      scope: ``"layer"`` or ``"global"`` block budget.
+      weight_decay: decoupled weight decay (AdamW) on kernels.
+      distill_weight: weight of the distillation loss when teacher logits are given.
+      distill_temperature: softmax temperature for distillation.
+    """
+
+    total_steps: int
+    prune_begin: int
+    prune_end: int
+    prune_every: int = 50
+    warmup_steps: int = 0
+    balanced: bool = False
+    scope: str = "layer"
+    weight_decay: float = 0.0
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps={self.total_steps} is not allowed: use >= 1")
+        if not 0 <= self.prune_begin <= self.prune_end <= self.total_steps:
+            raise ValueError(
+                f"prune schedule begin={self.prune_begin}, end={self.prune_end} is not allowed:"
+                f" need 0 <= begin <= end <= total_steps={self.total_steps}"
+            )
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training.
+
+    Attributes:
+      step: int32 step counter.
+      params: ``{"params": model params, "quant": quantizer params}``.
+      opt_state: the optimizer state (holds the masks).
+    """
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def make_spec(layers_spec, *, learning_rate, prox_strength=0.0) -> dict:
+    """Assembles a training spec.
+
+    Args:
+      layers_spec: :meth:`qsparse.wrap.Plan.init_spec` output.
+      learning_rate: peak learning rate (value > 0).
+      prox_strength: block-lasso strength ``lambda`` (value >= 0); the prox threshold per step
+        is ``learning_rate(step) * prox_strength``.
+
+    Returns:
+      The spec dict.
+    """
+    return {
+        "layers": layers_spec,
+        "learning_rate": jnp.asarray(learning_rate, jnp.float32),
+        "prox_strength": jnp.asarray(prox_strength, jnp.float32),
+    }
+
+
+def lr_schedule(spec, sched: Schedule):
+    """Linear warmup then cosine decay to zero, peak ``spec["learning_rate"]``.
+
+    Args:
+      spec: the spec.
+      sched: the schedule.
+
+    Returns:
+      An optax schedule (step -> learning rate).
+    """
+    peak = spec["learning_rate"]
+    warm = max(sched.warmup_steps, 0)
+
+    def fn(step):
+        step = jnp.asarray(step, jnp.float32)
+        w = jnp.minimum(1.0, (step + 1) / max(warm, 1)) if warm else 1.0
+        frac = jnp.clip((step - warm) / max(sched.total_steps - warm, 1), 0.0, 1.0)
+        return peak * w * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+
+    return fn
+
+
+def make_optimizer(plan: Plan, sched: Schedule, spec) -> optax.GradientTransformation:
+    """The optimizer for one spec: Adam(W) + block lasso prox + gradual pruning + masks.
+
+    Args:
+      plan: the wrapping plan.
+      sched: the schedule.
+      spec: the spec (values may be traced).
+
+    Returns:
+      An ``optax.GradientTransformation`` over ``{"params", "quant"}`` trees.
+    """
+    lr = lr_schedule(spec, sched)
+    if sched.weight_decay:
+        inner = optax.adamw(lr, weight_decay=sched.weight_decay, mask=_kernels_only)
+    else:
+        inner = optax.adam(lr)
+    shapes = plan.block_shapes((PARAMS,))
+    if not shapes:
+        return inner
+    # The prox threshold is t * lambda with t the current step size (proximal gradient).
+    # The prox transform counts steps itself; its count equals the optimizer step.
+    strength = _ProxStrength(lr, spec["prox_strength"])
+    return optim.keep_masks(
+        optax.chain(
+            inner,
+            _scheduled_prox(strength, shapes, sched.prune_begin),
+            optim.gradual_block_pruning(
+                shapes,
+                plan.compressions(spec["layers"], (PARAMS,)),
+                begin=sched.prune_begin,
+                end=sched.prune_end,
+                frequency=sched.prune_every,
+                balanced=sched.balanced,
+                scope="layer" if sched.scope == "layer" else "global",
+            ),
+        )
+    )
+
+
+def _kernels_only(tree):
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, _: optim.path_str(kp).endswith("kernel"), tree
+    )
+
+
+class _ProxStrength(NamedTuple):
+    lr: Any
+    lam: Any
+
+
+def _scheduled_prox(strength: _ProxStrength, shapes, until):
+    """Block-lasso prox whose threshold follows the learning rate schedule."""
+
+    def init_fn(params):
+        return optim.proximal_block_lasso(0.0, shapes, until=until).init(params)
+
+    def update_fn(updates, state, params=None):
+        t = strength.lr(state.count) * strength.lam
+        return optim.proximal_block_lasso(t, shapes, until=until).update(updates, state, params)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def init_state(model: nn.Module, plan: Plan, sched: Schedule, spec, key, sample_x) -> TrainState:
+    """Initial parameters, quantizer parameters and optimizer state.
+
+    Args:
+      model: the Linen model.
+      plan: its plan.
+      sched: the schedule.
+      spec: the spec (LSQ steps start from its bit widths).
+      key: PRNG key for the parameters.
+      sample_x: a float input batch (shapes only matter).
+
+    Returns:
+      A :class:`TrainState` at step 0.
+    """
+    params = model.init(key, sample_x)[PARAMS]
+    tree = {PARAMS: params, QUANT: plan.init_qparams(params, spec["layers"])}
+    opt_state = make_optimizer(plan, sched, spec).init(tree)
+    return TrainState(step=jnp.zeros([], jnp.int32), params=tree, opt_state=opt_state)
+
+
+def logits_fn(model: nn.Module, plan: Plan, params, spec, x):
+    """Logits of the wrapped model.
+
+    Args:
+      model: the Linen model.
+      plan: its plan.
+      params: ``{"params", "quant"}`` tree.
+      spec: the spec.
+      x: float input batch.
+
+    Returns:
+      ``(batch, classes)`` logits.
+    """
+    return plan.apply(model, params[PARAMS], params[QUANT], spec["layers"], x)
+
+
+def make_train_step(model: nn.Module, plan: Plan, sched: Schedule):
+    """Builds the pure training step.
+
+    Args:
+      model: the Linen model.
+      plan: its plan.
+      sched: the schedule.
+
+    Returns:
+      ``train_step(state, batch, spec) -> (state, metrics)`` where ``batch`` is
+      ``(x, y)`` or ``(x, y, teacher_logits)``; metrics hold ``loss``, ``accuracy`` and
+      ``finite`` (False when the loss is NaN/inf). A diverged setting is only flagged: under
+      ``vmap`` each setting is independent, so its NaNs cannot reach the others, and a flag
+      costs one scalar test instead of a select over the whole state.
+    """
+
+    def loss_fn(params, spec, x, y, teacher):
+        logits = logits_fn(model, plan, params, spec, x)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        loss = ce
+        if teacher is not None and sched.distill_weight:
+            t = sched.distill_temperature
+            kd = optax.softmax_cross_entropy(logits / t, jax.nn.softmax(teacher / t)).mean()
+            loss = (1 - sched.distill_weight) * ce + sched.distill_weight * (t * t) * kd
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        return loss, acc
+
+    def train_step(state: TrainState, batch, spec):
+        x, y = batch[0], batch[1]
+        teacher = batch[2] if len(batch) > 2 else None
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, spec, x, y, teacher
+        )
+        tx = make_optimizer(plan, sched, spec)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, {"loss": loss, "accuracy": acc, "finite": jnp.isfinite(loss)}
+
+    return train_step
+
+
+def make_train_epoch(model: nn.Module, plan: Plan, sched: Schedule, batch_size: int):
+    """One epoch as a single ``lax.scan`` over device-resident data.
+
+    Args:
+      model: the Linen model.
+      plan: its plan.
+      sched: the schedule.
+      batch_size: examples per step (the remainder of the epoch is dropped).
+
+    Returns:
+      ``epoch(state, images_u8, labels, key, spec, teacher=None) -> (state, metrics)`` with
+      metrics averaged over the epoch, plus ``first_nonfinite_step`` (-1 if none).
+    """
+    step_fn = make_train_step(model, plan, sched)
+
+    def epoch(state, images, labels, key, spec, teacher=None):
+        n = images.shape[0]
+        steps = n // batch_size
+        perm = jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
+
+        def body(st, idx):
+            x = images[idx].astype(jnp.float32) / 255.0
+            batch = (x, labels[idx]) if teacher is None else (x, labels[idx], teacher[idx])
+            st, m = step_fn(st, batch, spec)
+            return st, m
+
+        start = state.step
+        state, ms = jax.lax.scan(body, state, perm)
+        bad = jnp.argmin(ms["finite"])  # first False, or 0 when all True
+        first_bad = jnp.where(jnp.all(ms["finite"]), -1, start + bad)
+        out = {
+            "loss": jnp.mean(ms["loss"]),
+            "accuracy": jnp.mean(ms["accuracy"]),
+            "all_finite": jnp.all(ms["finite"]),
+            "first_nonfinite_step": first_bad,
+        }
+        return state, out
+
+    return epoch
+
+
+def make_eval(model: nn.Module, plan: Plan, batch_size: int = 1000):
+    """Exact accuracy and loss over a whole split, as one ``lax.scan``.
+
+    Args:
+      model: the Linen model.
+      plan: its plan.
+      batch_size: evaluation batch (the last batch is padded and masked out).
+
+    Returns:
+      ``evaluate(params, spec, images_u8, labels) -> {"accuracy", "loss"}``.
+    """
+
+    def evaluate(params, spec, images, labels):
+        n = images.shape[0]
+        steps = -(-n // batch_size)
+        idx = jnp.arange(steps * batch_size)
+        weight = (idx < n).astype(jnp.float32).reshape(steps, batch_size)
+        idx = jnp.minimum(idx, n - 1).reshape(steps, batch_size)
+
+        def body(carry, inp):
+            i, w = inp
+            x = images[i].astype(jnp.float32) / 255.0
+            logits = logits_fn(model, plan, params, spec, x)
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[i])
+            correct = (jnp.argmax(logits, -1) == labels[i]).astype(jnp.float32)
+            return (carry[0] + jnp.sum(correct * w), carry[1] + jnp.sum(ce * w)), None
+
+        (correct, loss), _ = jax.lax.scan(body, (0.0, 0.0), (idx, weight))
+        return {"accuracy": correct / n, "loss": loss / n}
+
+    return evaluate
+
+
+def masks_of(state: TrainState):
+    """The current block masks (params-shaped tree) or None for a dense run.
+
+    Args:
+      state: a train state.
+
+    Returns:
+      The mask tree from the optimizer state.
+    """
+    return optim.find_masks(state.opt_state)

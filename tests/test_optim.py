@@ -1,0 +1,145 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from qsparse import optim
+from qsparse.sparsity import block_norms, prox_block_lasso
+
+SHAPES = {"a/kernel": (4, 4), "b/kernel": (4, 2)}
+
+
+def make_params(seed=0):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {
+        "a": {"kernel": jax.random.normal(k1, (16, 8)), "bias": jnp.zeros(8)},
+        "b": {"kernel": jax.random.normal(k2, (8, 4)), "bias": jnp.zeros(4)},
+    }
+
+
+def loss(p, x):
+    h = jax.nn.relu(x @ p["a"]["kernel"] + p["a"]["bias"])
+    return jnp.mean((h @ p["b"]["kernel"] + p["b"]["bias"] - 1.0) ** 2)
+
+
+X = jax.random.normal(jax.random.key(9), (32, 16))
+
+
+def run(tx, steps, params=None):
+    params = make_params() if params is None else params
+    state = tx.init(params)
+
+    @jax.jit
+    def step(p, s):
+        g = jax.grad(loss)(p, X)
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for _ in range(steps):
+        params, state = step(params, state)
+    return params, state
+
+
+def test_prox_lands_on_prox_of_inner_step():
+    params = make_params()
+    g = jax.grad(loss)(params, X)
+    inner = optax.sgd(0.1)
+    tx = optax.chain(inner, optim.proximal_block_lasso(0.5, SHAPES))
+    u, _ = tx.update(g, tx.init(params), params)
+    new = optax.apply_updates(params, u)
+    u0, _ = inner.update(g, inner.init(params), params)
+    plain = optax.apply_updates(params, u0)
+    np.testing.assert_allclose(
+        new["a"]["kernel"], prox_block_lasso(plain["a"]["kernel"], (4, 4), 0.5), atol=1e-6
+    )
+    np.testing.assert_allclose(new["a"]["bias"], plain["a"]["bias"], atol=1e-7)
+
+
+def test_prox_until_stops():
+    tx = optax.chain(optax.sgd(0.0), optim.proximal_block_lasso(10.0, SHAPES, until=0))
+    p, _ = run(tx, 1)
+    np.testing.assert_array_equal(p["a"]["kernel"], make_params()["a"]["kernel"])
+
+
+def test_schedule_endpoints():
+    c = [float(optim.compression_schedule(s, 4.0, 10, 50)) for s in (0, 10, 30, 50, 80)]
+    assert c[0] == 1.0 and c[1] == 1.0 and abs(c[3] - 4.0) < 1e-5 and c[4] == c[3]
+    assert 1.0 < c[2] < 4.0
+
+
+def test_100_adam_steps_pruned_blocks_zero_and_moments_zero():
+    tx = optim.block_sparse_chain(
+        optax.adam(1e-2), SHAPES, 4.0, prox_strength=1e-3, begin=10, end=40, frequency=10
+    )
+    p, s = run(tx, 100)
+    masks = optim.find_masks(s)
+    for name, bs in [("a", (4, 4)), ("b", (4, 2))]:
+        m = np.asarray(masks[name]["kernel"])
+        k = np.asarray(p[name]["kernel"])
+        assert (k[m == 0] == 0).all()
+        kept = int(np.asarray(block_norms(jnp.asarray(m), bs) > 0).sum())
+        n_blocks = m.size // (bs[0] * bs[1])
+        assert kept == -(-n_blocks // 4)
+    adam_state = s.inner_state[0][0]
+    for moment in (adam_state.mu, adam_state.nu):
+        for name in ("a", "b"):
+            m = np.asarray(masks[name]["kernel"])
+            assert (np.asarray(moment[name]["kernel"])[m == 0] == 0).all()
+    assert np.asarray(adam_state.nu["a"]["kernel"])[np.asarray(masks["a"]["kernel"]) == 1].any()
+
+
+def test_masks_only_recomputed_on_schedule():
+    tx = optax.chain(
+        optax.adam(1e-2), optim.gradual_block_pruning(SHAPES, 4.0, begin=5, end=25, frequency=10)
+    )
+    params = make_params()
+    state = tx.init(params)
+    history = []
+    for _ in range(30):
+        g = jax.grad(loss)(params, X)
+        u, state = tx.update(g, state, params)
+        params = optax.apply_updates(params, u)
+        history.append(np.asarray(state[1].masks["a"]["kernel"]))
+    changes = [i for i in range(1, 30) if not (history[i] == history[i - 1]).all()]
+    assert changes and set(changes) <= {5, 15, 25}  # mask updates only on schedule steps
+    assert (history[4] == 1).all() and history[29].mean() == pytest.approx(0.25)
+
+
+def test_keep_masks_fixed_masks():
+    params = make_params()
+    masks = optim.compute_masks(params, SHAPES, 2.0)
+    params = jax.tree.map(lambda p, m: p * m, params, masks)
+    p, s = run(optim.keep_masks(optax.adam(1e-2), masks), 50, params)
+    m = np.asarray(masks["a"]["kernel"])
+    assert (np.asarray(p["a"]["kernel"])[m == 0] == 0).all()
+    assert (np.asarray(s.inner_state[0].mu["a"]["kernel"])[m == 0] == 0).all()
+
+
+def test_works_under_vmap_over_compression():
+    def final(c):
+        tx = optim.block_sparse_chain(optax.adam(1e-2), SHAPES, c, begin=2, end=10, frequency=2)
+        params = make_params()
+        state = tx.init(params)
+
+        def body(carry, _):
+            p, s = carry
+            u, s = tx.update(jax.grad(loss)(p, X), s, p)
+            return (optax.apply_updates(p, u), s), None
+
+        (p, _), _ = jax.lax.scan(body, (params, state), None, length=15)
+        return p["a"]["kernel"]
+
+    ks = jax.jit(jax.vmap(final))(jnp.array([1.0, 2.0, 8.0]))
+    for c, k in zip([1, 2, 8], ks):
+        assert int((block_norms(k, (4, 4)) > 0).sum()) == -(-8 // c)
+
+
+def test_bad_schedule_and_paths():
+    with pytest.raises(ValueError, match="begin"):
+        optim.gradual_block_pruning(SHAPES, 2.0, begin=10, end=5)
+    with pytest.raises(ValueError, match="compression"):
+        optim.gradual_block_pruning(SHAPES, 0.5, begin=0, end=5)
+    tx = optim.proximal_block_lasso(0.1, {"nope/kernel": (2, 2)})
+    with pytest.raises(ValueError, match="nope/kernel"):
+        tx.init(make_params())

@@ -1,0 +1,110 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qsparse.quant import quantize_activation, quantize_weight, weight_step
+
+W = jax.random.normal(jax.random.key(0), (64, 48))
+BITS = [1, 2, 3, 4, 8, 32]
+
+
+@pytest.mark.parametrize("zero_level", [True, False])
+def test_level_counts(zero_level):
+    rows = jax.jit(jax.vmap(lambda b: quantize_weight(W, b, zero_level=zero_level)))(
+        jnp.array(BITS)
+    )
+    for b, row in zip(BITS[:-1], rows[:-1]):
+        levels = np.unique(np.asarray(row))
+        assert len(levels) <= 2**b
+        if b <= 3:  # enough weights to hit every level
+            expected = 2 if b == 1 else (2**b - 1 if zero_level else 2**b)
+            assert len(levels) == expected, (b, levels)
+        assert (0.0 in levels) == (zero_level and b > 1)
+    np.testing.assert_array_equal(rows[-1], W)
+
+
+def test_ternary_values_and_scale():
+    q = quantize_weight(W, 2, scale_mode="max")
+    s = float(jnp.max(jnp.abs(W)))
+    np.testing.assert_allclose(np.unique(np.asarray(q)), [-s, 0.0, s], rtol=1e-6)
+    qb = quantize_weight(W, 1, scale_mode="mean")
+    a = float(jnp.mean(jnp.abs(W)))
+    np.testing.assert_allclose(np.unique(np.asarray(qb)), [-a, a], rtol=1e-6)
+
+
+def test_per_channel_scale():
+    q = quantize_weight(W, 2, per_channel=True)
+    for j in range(W.shape[1]):
+        s = float(jnp.max(jnp.abs(W[:, j])))
+        assert set(np.round(np.unique(np.asarray(q[:, j])) / s, 5)) <= {-1.0, 0.0, 1.0}
+
+
+def test_vmap_equals_separate_calls():
+    bits = jnp.array(BITS, jnp.float32)
+    rows = jax.vmap(lambda b: quantize_weight(W, b, scale_mode="mean"))(bits)
+    for b, row in zip(BITS, rows):
+        np.testing.assert_array_equal(row, quantize_weight(W, b, scale_mode="mean"))
+    x = jax.random.normal(jax.random.key(1), (8, 16)) * 3
+    arows = jax.vmap(lambda b: quantize_activation(x, b, 2.0))(bits)
+    for b, row in zip(BITS, arows):
+        np.testing.assert_array_equal(row, quantize_activation(x, b, 2.0))
+
+
+def test_one_compilation_serves_all_bit_widths():
+    traces = []
+
+    @jax.jit
+    def f(w, b):
+        traces.append(1)
+        return quantize_weight(w, b) + quantize_activation(w, b, 1.0).sum()
+
+    for b in BITS:
+        f(W, jnp.asarray(b, jnp.float32))
+    assert len(traces) == 1
+
+
+def test_straight_through_gradient_weights():
+    # mean-abs scale clips the largest weights: inside -> gradient 1, outside -> 0.
+    g = jax.grad(lambda w: jnp.sum(quantize_weight(w, 2, scale_mode="mean")))(W)
+    s = weight_step(W, 2, scale_mode="mean")
+    inside = np.abs(np.asarray(W)) < float(s)  # n = 1 for 2 bits
+    np.testing.assert_array_equal(np.asarray(g), inside.astype(np.float32))
+    assert 0 < inside.mean() < 1
+
+
+def test_straight_through_gradient_activations_and_pact_clip():
+    x = jnp.linspace(-2.01, 6.01, 97)  # no point exactly on 0 or the clip
+
+    def f(x, c):
+        return jnp.sum(quantize_activation(x, 2, c))
+
+    gx, gc = jax.grad(f, argnums=(0, 1))(x, 4.0)
+    inside = (np.asarray(x) > 0) & (np.asarray(x) < 4.0)
+    np.testing.assert_array_equal(np.asarray(gx), inside.astype(np.float32))
+    assert float(gc) > 0  # values above the clip pull the clip up
+    q = quantize_activation(x, 2, 4.0)
+    np.testing.assert_allclose(np.unique(np.asarray(q)), [0.0, 4 / 3, 8 / 3, 4.0], rtol=1e-6)
+    np.testing.assert_array_equal(quantize_activation(x, 32, 4.0), jax.nn.relu(x))
+
+
+def test_learned_step_gets_gradient():
+    def f(step):
+        return jnp.sum(quantize_weight(W, 3, scale_mode="learned", step=step) ** 2)
+
+    assert float(jax.grad(f)(jnp.asarray(0.3))) != 0.0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, 33])
+def test_bad_bits(bad):
+    with pytest.raises(ValueError, match="bits"):
+        quantize_weight(W, bad)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_activation(W, bad, 1.0)
+
+
+def test_bad_scale_mode():
+    with pytest.raises(ValueError, match="scale_mode"):
+        quantize_weight(W, 2, scale_mode="median")
+    with pytest.raises(ValueError, match="step"):
+        quantize_weight(W, 2, scale_mode="learned")
