@@ -5,7 +5,8 @@ For a layer with kernel ``W`` (matrix view ``m x n``), ``b`` biases, weight bit 
 (``R = m / bm``, ``C = n / bn``) of which ``K`` blocks are kept:
 
 * codes   = ``K * bm * bn * k``                (dense layers: ``m * n * k``)
-* index   = ``min(bitmap, csr)`` for block-sparse layers, 0 for dense ones, where
+* index   = ``min(bitmap, csr)`` for block-sparse layers, 0 for dense ones and for block-sparse
+  layers that keep every block (the export then writes no index), where
   ``bitmap = R * C`` (one bit a block) and
   ``csr = (R + 1) * bitlen(R * C) + K * max(1, bitlen(C - 1))`` (block-CSR: row pointers of
   ``bitlen(R*C)`` bits, one column index of ``bitlen(C-1)`` bits per kept block).
@@ -66,7 +67,7 @@ def index_bits(grid, kept):
 
     Returns:
       ``(bits, use_csr)``: the smaller size and whether block-CSR is the smaller one
-      (ties go to the bitmap).
+      (ties go to the bitmap); ``(0, False)`` when every block is kept.
     """
     r, c = int(grid[0]), int(grid[1])
     xp = _xp(kept)
@@ -74,7 +75,10 @@ def index_bits(grid, kept):
     bitmap = _int(xp, r * c)
     csr = _int(xp, (r + 1) * bitlen(r * c)) + kept * bitlen(c - 1)
     use_csr = csr < bitmap
-    return xp.where(use_csr, csr, bitmap), use_csr
+    bits = xp.where(use_csr, csr, bitmap)
+    # Every block kept: no index at all (the layer is stored dense).
+    full = kept >= r * c
+    return xp.where(full, _int(xp, 0), bits), use_csr & ~full
 
 
 def layer_memory(

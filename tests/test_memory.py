@@ -38,3 +38,8 @@ def test_csr_wins_when_very_sparse():
 def test_per_channel_scales():
     m = mem.layer_memory((8, 4), 0, w_bits=4, per_channel=True)
     assert m["scales"] == 4 * 32 and m["codes"] == 32 * 4
+
+
+def test_no_index_when_every_block_kept():
+    full = mem.layer_memory((16, 8), 0, w_bits=2, kept=8, block_shape=(4, 4))
+    assert full["index"] == 0 and full["codes"] == 128 * 2
