@@ -1,0 +1,65 @@
+"""Shared defaults for every experiment config; not an experiment itself.
+
+Each field is documented here once; the experiment configs change only what they need.
+"""
+
+import ml_collections
+
+
+def get_base() -> ml_collections.ConfigDict:
+    """The base config: joint 2-bit weights / 2-bit activations / 4X blocks on Fashion-MNIST.
+
+    Returns:
+      A ConfigDict (unlocked; the caller locks it).
+    """
+    c = ml_collections.ConfigDict()
+    c.dataset = "fashion_mnist"  # mnist | fashion_mnist | kmnist | cifar10 | digits | synthetic
+    c.data_dir = ""  # prepared TFDS data; "" = $QSPARSE_DATA_DIR or ~/.cache/qsparse/tfds
+    c.idx_dir = ""  # a directory of IDX files; "" = the Debian package's files, then TFDS
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "mlp"  # mlp | lenet | vgg
+    c.model.hidden = [512, 512]  # MLP hidden widths; for lenet/vgg the Dense width is hidden[-1]
+    c.model.channels = [32, 64]  # conv channels (lenet: two stages, vgg: one per stage)
+
+    c.quant = ml_collections.ConfigDict()
+    c.quant.w_bits = 2  # weight bits, 1..8 or 32 (float)
+    c.quant.a_bits = 2  # hidden activation bits, 1..8 or 32
+    c.quant.first_w_bits = 0  # first layer's weight bits; 0 = same as w_bits
+    c.quant.last_w_bits = 0  # last (logits) layer's weight bits; 0 = same as w_bits
+    c.quant.scale_mode = "learned"  # max | mean | learned (LSQ step size)
+    c.quant.per_channel = False  # one weight scale per output channel
+    c.quant.zero_level = True  # level set holds zero (2-bit = ternary)
+    c.quant.act_clip = 2.0  # initial activation clip
+    c.quant.learn_clip = True  # PACT: train the clip
+
+    c.sparsity = ml_collections.ConfigDict()
+    c.sparsity.compression = 4.0  # block compression ratio >= 1 (1 = dense)
+    c.sparsity.block_shape = (8, 8)  # (bm, bn) on the kernel matrix view; () = no sparsity
+    c.sparsity.first_block_shape = ()  # first layer's block shape; () = same as block_shape
+    c.sparsity.last_block_shape = (8, 2)  # logits layer (10 outputs): (8, 2)
+    c.sparsity.first_compression = 0.0  # 0 = same as compression
+    c.sparsity.last_compression = 0.0  # 0 = same as compression
+    c.sparsity.prox_strength = 1e-4  # block-lasso lambda (threshold = lr(t) * lambda)
+    c.sparsity.balanced = False  # equal kept blocks per block row
+    c.sparsity.scope = "layer"  # layer | global block budget
+    c.sparsity.prune_begin_epoch = 3  # phase 1 (train + prox) ends here
+    c.sparsity.prune_end_epoch = 10  # phase 2 (gradual cubic pruning) ends here; then fine-tune
+    c.sparsity.prune_every_steps = 100  # mask updates while pruning
+
+    c.num_epochs = 20
+    c.batch_size = 128
+    c.learning_rate = 2e-3
+    c.warmup_epochs = 1
+    c.weight_decay = 0.0
+    c.seed = 0
+    c.eval_batch_size = 1000
+
+    c.distill = ml_collections.ConfigDict()
+    c.distill.weight = 0.0  # weight of the teacher's soft targets (0 = off)
+    c.distill.temperature = 4.0
+    c.distill.teacher_workdir = ""  # a finished FP32 run's workdir (its checkpoint is the teacher)
+
+    c.checkpoint_every_epochs = 1
+    c.keep_checkpoints = 3
+    return c

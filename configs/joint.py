@@ -1,0 +1,17 @@
+"""Joint: 2-bit weights, 2-bit activations, 4X block compression on every layer (first and
+last included), Fashion-MNIST, MLP 784-512-512-10, 30 epochs.
+
+Run:
+  python -m experiments.train --config=configs/joint.py --workdir=runs/joint
+"""
+
+from configs.base import get_base
+
+
+def get_config():
+    """Returns the joint 2/2/4X config."""
+    c = get_base()
+    c.num_epochs = 30
+    c.sparsity.prune_begin_epoch = 4
+    c.sparsity.prune_end_epoch = 14
+    return c

@@ -1,0 +1,682 @@
+"""What train, sweep and export share: config validation, building a run, checkpoints, logs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from qsparse import data as qdata
+from qsparse import models, quant, training, wrap
+
+ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the field, value and what is allowed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every check runs before any data is read or any array is made.
+
+
+def _bits_ok(v) -> bool:
+    return isinstance(v, (int, float)) and float(v) == int(v) and int(v) in ALLOWED_BITS
+
+
+def _check(cond: bool, field: str, value, allowed: str):
+    if not cond:
+        raise ConfigError(f"{field}={value!r} is not allowed: {allowed}")
+
+
+def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None) -> None:
+    """Checks every field a run depends on; raises :class:`ConfigError` on the first bad one.
+
+    Args:
+      config: the experiment config.
+      num_train: training examples, when known (checks the batch size against it).
+
+    Raises:
+      ConfigError: one line naming the field, the value and what is allowed.
+    """
+    bits = f"use one of {ALLOWED_BITS} (32 = float)"
+    _check(
+        config.dataset in qdata.DATASETS, "dataset", config.dataset, f"use one of {qdata.DATASETS}"
+    )
+    _check(
+        config.model.name in models.MODELS,
+        "model.name",
+        config.model.name,
+        f"use one of {models.MODELS}",
+    )
+    hidden = list(config.model.hidden)
+    _check(
+        all(isinstance(h, int) and h > 0 for h in hidden),
+        "model.hidden",
+        hidden,
+        "use a list of positive integers",
+    )
+    _check(_bits_ok(config.quant.w_bits), "quant.w_bits", config.quant.w_bits, bits)
+    _check(_bits_ok(config.quant.a_bits), "quant.a_bits", config.quant.a_bits, bits)
+    for f in ("first_w_bits", "last_w_bits"):
+        v = config.quant[f]
+        _check(v == 0 or _bits_ok(v), f"quant.{f}", v, "use 0 (same as w_bits) or " + bits[7:])
+    _check(
+        config.quant.scale_mode in quant.SCALE_MODES,
+        "quant.scale_mode",
+        config.quant.scale_mode,
+        f"use one of {quant.SCALE_MODES}",
+    )
+    _check(config.quant.act_clip > 0, "quant.act_clip", config.quant.act_clip, "use a value > 0")
+    s = config.sparsity
+    for f in ("compression",):
+        _check(
+            isinstance(s[f], (int, float)) and math.isfinite(s[f]) and s[f] >= 1,
+            f"sparsity.{f}",
+            s[f],
+            "use a ratio >= 1 (1 = dense)",
+        )
+    for f in ("first_compression", "last_compression"):
+        _check(s[f] == 0 or s[f] >= 1, f"sparsity.{f}", s[f], "use 0 (same as compression) or >= 1")
+    for f in ("block_shape", "first_block_shape", "last_block_shape"):
+        bs = tuple(s[f])
+        _check(
+            bs == () or (len(bs) == 2 and all(isinstance(b, int) and b > 0 for b in bs)),
+            f"sparsity.{f}",
+            bs,
+            "use () or two positive integers (bm, bn)",
+        )
+    if tuple(s.block_shape) == ():
+        _check(
+            s.compression == 1,
+            "sparsity.compression",
+            s.compression,
+            "block compression needs sparsity.block_shape; use 1 without blocks",
+        )
+    _check(s.prox_strength >= 0, "sparsity.prox_strength", s.prox_strength, "use a value >= 0")
+    _check(s.scope in ("layer", "global"), "sparsity.scope", s.scope, "use 'layer' or 'global'")
+    _check(
+        isinstance(config.num_epochs, int) and config.num_epochs >= 1,
+        "num_epochs",
+        config.num_epochs,
+        "use an integer >= 1",
+    )
+    _check(
+        0 <= s.prune_begin_epoch <= s.prune_end_epoch <= config.num_epochs,
+        "sparsity.prune_begin_epoch/prune_end_epoch",
+        (s.prune_begin_epoch, s.prune_end_epoch),
+        f"need 0 <= begin <= end <= num_epochs={config.num_epochs}",
+    )
+    _check(s.prune_every_steps >= 1, "sparsity.prune_every_steps", s.prune_every_steps, "use >= 1")
+    _check(
+        isinstance(config.batch_size, int) and config.batch_size >= 1,
+        "batch_size",
+        config.batch_size,
+        "use an integer >= 1",
+    )
+    if num_train is not None:
+        _check(
+            config.batch_size <= num_train,
+            "batch_size",
+            config.batch_size,
+            f"use at most the {num_train} training examples of {config.dataset}",
+        )
+    _check(config.learning_rate > 0, "learning_rate", config.learning_rate, "use a value > 0")
+    _check(config.warmup_epochs >= 0, "warmup_epochs", config.warmup_epochs, "use >= 0")
+    _check(config.weight_decay >= 0, "weight_decay", config.weight_decay, "use >= 0")
+    _check(0 <= config.distill.weight <= 1, "distill.weight", config.distill.weight, "use 0..1")
+    if config.distill.weight > 0:
+        _check(
+            bool(config.distill.teacher_workdir)
+            and (Path(config.distill.teacher_workdir) / "results.json").exists(),
+            "distill.teacher_workdir",
+            config.distill.teacher_workdir,
+            "use the workdir of a finished run (it has results.json)",
+        )
+    _check(
+        config.checkpoint_every_epochs >= 1,
+        "checkpoint_every_epochs",
+        config.checkpoint_every_epochs,
+        "use >= 1",
+    )
+    _check(config.keep_checkpoints >= 1, "keep_checkpoints", config.keep_checkpoints, "use >= 1")
+    if config.idx_dir:
+        _check(
+            Path(config.idx_dir).is_dir(),
+            "idx_dir",
+            config.idx_dir,
+            "use an existing directory of IDX files",
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a run from a config.
+
+
+@dataclasses.dataclass
+class Run:
+    """A model, its plan and its data, built from a config.
+
+    Attributes:
+      config: the config.
+      dataset: the data (numpy, host).
+      model: the Linen model.
+      plan: the wrapping plan.
+      layer_names: wrapped layers in execution order.
+      sched: the training schedule.
+      steps_per_epoch: optimizer steps per epoch.
+    """
+
+    config: ml_collections.ConfigDict
+    dataset: qdata.Dataset
+    model: Any
+    plan: wrap.Plan
+    layer_names: list[str]
+    sched: training.Schedule
+    steps_per_epoch: int
+
+
+def load_data(config) -> qdata.Dataset:
+    """Loads the config's data set.
+
+    Args:
+      config: the config.
+
+    Returns:
+      The dataset.
+    """
+    return qdata.load(
+        config.dataset, data_dir=config.data_dir or None, idx_dir=config.idx_dir or None
+    )
+
+
+def _layer_settings(config, names: list[str]) -> dict[str, dict]:
+    """Per-layer static settings and initial values from the config's first/last overrides."""
+    q, s = config.quant, config.sparsity
+    out = {}
+    for i, name in enumerate(names):
+        first, last = i == 0, i == len(names) - 1
+        w_bits = q.w_bits
+        if first and q.first_w_bits:
+            w_bits = q.first_w_bits
+        if last and q.last_w_bits:
+            w_bits = q.last_w_bits
+        block = tuple(s.block_shape)
+        comp = s.compression
+        if block:
+            if first and tuple(s.first_block_shape):
+                block = tuple(s.first_block_shape)
+            if last and tuple(s.last_block_shape):
+                block = tuple(s.last_block_shape)
+            if first and s.first_compression:
+                comp = s.first_compression
+            if last and s.last_compression:
+                comp = s.last_compression
+        out[name] = {
+            "w_bits": w_bits,
+            "a_bits": q.a_bits,
+            "compression": float(comp) if block else 1.0,
+            "block_shape": block or None,
+        }
+    return out
+
+
+def rules_from_config(config, names: list[str]) -> list[wrap.Rule]:
+    """One rule per layer (exact names) from the config.
+
+    Args:
+      config: the config.
+      names: the model's Dense/Conv layers in execution order.
+
+    Returns:
+      The rules.
+    """
+    q = config.quant
+    rules = []
+    for name, st in _layer_settings(config, names).items():
+        rules.append(
+            wrap.Rule(
+                pattern=name,
+                w_bits=st["w_bits"],
+                a_bits=st["a_bits"],
+                compression=st["compression"],
+                block_shape=st["block_shape"],
+                per_channel=q.per_channel,
+                scale_mode=q.scale_mode,
+                zero_level=q.zero_level,
+                act_clip=q.act_clip,
+                learn_clip=q.learn_clip,
+            )
+        )
+    return rules
+
+
+def build_model(config, num_classes: int):
+    """The Linen model the config names.
+
+    Args:
+      config: the config.
+      num_classes: outputs.
+
+    Returns:
+      The module.
+    """
+    return models.build(
+        config.model.name,
+        num_classes=num_classes,
+        hidden=list(config.model.hidden),
+        channels=list(config.model.channels),
+    )
+
+
+def build_plan(config, model, input_shape) -> tuple[wrap.Plan, list[str]]:
+    """Traces the model and builds its plan from the config's rules.
+
+    Args:
+      config: the config.
+      model: the Linen model.
+      input_shape: ``(H, W, C)``.
+
+    Returns:
+      ``(plan, layer_names)``.
+
+    Raises:
+      ConfigError: a block shape does not divide a layer.
+    """
+    x = jnp.zeros((1, *input_shape), jnp.float32)
+    names = list(wrap.make_plan(model, [], x).layers)
+    try:
+        plan = wrap.make_plan(model, rules_from_config(config, names), x)
+    except ValueError as e:
+        raise ConfigError(f"sparsity.{e}") from None
+    return plan, names
+
+
+def build_run(config, dataset: qdata.Dataset | None = None) -> Run:
+    """Everything static for one config: data, model, plan, schedule.
+
+    Args:
+      config: a validated config.
+      dataset: already loaded data (else loaded here).
+
+    Returns:
+      The :class:`Run`.
+    """
+    ds = dataset if dataset is not None else load_data(config)
+    validate(config, num_train=len(ds.train_x))
+    model = build_model(config, ds.num_classes)
+    plan, names = build_plan(config, model, ds.input_shape)
+    spe = len(ds.train_x) // config.batch_size
+    s = config.sparsity
+    sched = training.Schedule(
+        total_steps=config.num_epochs * spe,
+        prune_begin=s.prune_begin_epoch * spe,
+        prune_end=s.prune_end_epoch * spe,
+        prune_every=s.prune_every_steps,
+        warmup_steps=int(config.warmup_epochs * spe),
+        balanced=s.balanced,
+        scope=s.scope,
+        weight_decay=config.weight_decay,
+        distill_weight=config.distill.weight,
+        distill_temperature=config.distill.temperature,
+    )
+    return Run(config, ds, model, plan, names, sched, spe)
+
+
+def make_spec(run: Run, **values) -> dict:
+    """The training spec of a run, with optional overrides of the config's values.
+
+    Args:
+      run: the run.
+      **values: any of ``w_bits``, ``a_bits``, ``compression``, ``learning_rate``,
+        ``prox_strength``; bits and compression are set with the config's first/last rules.
+
+    Returns:
+      The spec (float32 scalars).
+    """
+    c = ml_collections.ConfigDict(run.config.to_dict())
+    for k in ("w_bits", "a_bits"):
+        if k in values:
+            c.quant[k] = values[k]
+    if "compression" in values:
+        c.sparsity.compression = values["compression"]
+    settings = _layer_settings(c, run.layer_names)
+    layers = {}
+    for name, lp in run.plan.layers.items():
+        st = settings[name]
+        layers[name] = {
+            "w_bits": jnp.asarray(st["w_bits"], jnp.float32),
+            "a_bits": jnp.asarray(st["a_bits"] if lp.act_quantized else 32, jnp.float32),
+            "compression": jnp.asarray(st["compression"], jnp.float32),
+        }
+    return training.make_spec(
+        layers,
+        learning_rate=values.get("learning_rate", c.learning_rate),
+        prox_strength=values.get("prox_strength", c.sparsity.prox_strength),
+    )
+
+
+def init_state(run: Run, spec, seed: int):
+    """Initial train state of a run.
+
+    Args:
+      run: the run.
+      spec: its spec.
+      seed: the seed (parameters use ``fold_in(key(seed), 0)``).
+
+    Returns:
+      A :class:`qsparse.training.TrainState`.
+    """
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+    x = jnp.zeros((1, *run.dataset.input_shape), jnp.float32)
+    return training.init_state(run.model, run.plan, run.sched, spec, key, x)
+
+
+def epoch_key(seed: int, epoch: int):
+    """The data-order key of one epoch: a pure function of (seed, epoch), so resume is exact.
+
+    Args:
+      seed: run seed.
+      epoch: epoch index.
+
+    Returns:
+      A PRNG key.
+    """
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
+
+
+def result_metrics(run: Run, state, spec, test_accuracy: float) -> dict:
+    """The results.json metrics (memory from the trained, pruned weights).
+
+    Args:
+      run: the run.
+      state: final train state (unbatched).
+      spec: its spec.
+      test_accuracy: measured accuracy.
+
+    Returns:
+      dict of plain Python numbers.
+    """
+    mem = run.plan.memory(spec["layers"], state.params[training.PARAMS])
+    first = run.layer_names[0]
+    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params["params"]))
+    return {
+        "test_accuracy": float(test_accuracy),
+        "w_bits": float(spec["layers"][first]["w_bits"]),
+        "a_bits": float(run.config.quant.a_bits),
+        "compression": float(run.config.sparsity.compression),
+        "block_sparsity": float(mem["block_sparsity"]),
+        "weight_memory_bits": int(mem["weight_memory_bits"]),
+        "fp32_weight_memory_bits": int(mem["fp32_weight_memory_bits"]),
+        "weight_compression": float(mem["fp32_weight_memory_bits"])
+        / float(mem["weight_memory_bits"]),
+        "codes_bits": int(mem["codes_bits"]),
+        "index_bits": int(mem["index_bits"]),
+        "scale_bits": int(mem["scale_bits"]),
+        "bias_bits": int(mem["bias_bits"]),
+        "activation_memory_bits": int(mem["activation_memory_bits"]),
+        "total_memory_bits": int(mem["total_memory_bits"]),
+        "num_params": num_params,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Workdir: config guard, checkpoints, metric writers.
+
+
+def config_json(config) -> str:
+    """Canonical JSON of a config (sorted keys), for comparing runs."""
+    return json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True, indent=1)
+
+
+def guard_workdir(workdir: Path, config, overwrite: bool) -> None:
+    """Refuses a workdir that belongs to a different config, unless ``overwrite``.
+
+    Args:
+      workdir: the run's directory.
+      config: this run's config.
+      overwrite: delete the old run and start again.
+
+    Raises:
+      ConfigError: the workdir holds a run of another config.
+    """
+    saved = workdir / "config.json"
+    text = config_json(config)
+    if saved.exists() and saved.read_text() != text:
+        if not overwrite:
+            old = json.loads(saved.read_text())
+            new = json.loads(text)
+            diff = sorted(_diff_keys(old, new))[:3]
+            raise ConfigError(
+                f"workdir={str(workdir)!r} holds a run of a different config (differs in "
+                f"{', '.join(diff)}): use another --workdir, or --overwrite to replace it"
+            )
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not saved.exists():
+        tmp = saved.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, saved)
+
+
+def _diff_keys(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in set(a) | set(b):
+            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+def checkpoint_manager(directory: Path, keep: int):
+    """An Orbax CheckpointManager keeping the last ``keep`` checkpoints.
+
+    Args:
+      directory: where checkpoints live.
+      keep: how many to keep.
+
+    Returns:
+      ``ocp.CheckpointManager``.
+    """
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(directory.absolute(), options=opts)
+
+
+def save_checkpoint(mgr, step: int, state, meta: dict) -> None:
+    """Saves ``state`` and JSON ``meta`` at ``step`` (synchronously: a kill cannot half-write
+    a checkpoint that is then taken as complete; Orbax finalises by an atomic rename).
+
+    Args:
+      mgr: the manager.
+      step: the global step.
+      state: a pytree of arrays.
+      meta: JSON-serialisable metadata (epoch, history, timing).
+    """
+    import orbax.checkpoint as ocp
+
+    mgr.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    )
+    mgr.wait_until_finished()
+
+
+def restore_checkpoint(mgr, abstract_state, log=logging.warning):
+    """Restores the newest readable checkpoint, falling back to older ones if it is damaged.
+
+    Args:
+      mgr: the manager.
+      abstract_state: a pytree with the state's structure (arrays or ShapeDtypeStructs).
+      log: where to report a damaged checkpoint.
+
+    Returns:
+      ``(step, state, meta)`` or ``None`` when there is no checkpoint.
+
+    Raises:
+      RuntimeError: checkpoints exist but none can be read (never silently starts over).
+    """
+    import orbax.checkpoint as ocp
+
+    steps = sorted(mgr.all_steps(), reverse=True)
+    if not steps:
+        return None
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x,
+        abstract_state,
+    )
+    for step in steps:
+        try:
+            out = mgr.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+                ),
+            )
+            state = jax.tree.map(jnp.asarray, out["state"])
+            state = jax.tree.unflatten(jax.tree.structure(abstract_state), jax.tree.leaves(state))
+            return step, state, dict(out["meta"])
+        except Exception as e:  # noqa: BLE001 - any read failure means "damaged"
+            log(
+                f"checkpoint {step} is damaged ({type(e).__name__}: {str(e)[:120]}); "
+                "falling back to the previous one"
+            )
+    raise RuntimeError(
+        f"checkpoints {steps} in {mgr.directory} are all damaged: not starting from scratch; "
+        "delete the checkpoints directory to start over"
+    )
+
+
+def _install_tf_free_summary_writer() -> None:
+    """Lets ``clu.metric_writers`` import without TensorFlow.
+
+    CLU's package imports its TF-based SummaryWriter eagerly; TensorFlow is not a dependency
+    here, so the name is bound to a tensorboardX-backed writer that writes the same event files.
+    """
+    name = "clu.metric_writers.summary_writer"
+    if name in sys.modules:
+        return
+    try:
+        import tensorflow  # noqa: F401
+
+        return
+    except ImportError:
+        pass
+    mod = types.ModuleType(name)
+    mod.SummaryWriter = TensorboardXWriter
+    sys.modules[name] = mod
+
+
+class TensorboardXWriter:
+    """A CLU-compatible metric writer that writes TensorBoard event files with tensorboardX."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX import SummaryWriter
+
+        self._w = SummaryWriter(logdir)
+
+    def write_summaries(self, step, values, metadata=None):
+        for k, v in values.items():
+            self._w.add_scalar(k, np.asarray(v).item(), int(step))
+
+    def write_scalars(self, step, scalars):
+        for k, v in scalars.items():
+            self._w.add_scalar(k, float(v), int(step))
+
+    def write_images(self, step, images):
+        for k, v in images.items():
+            self._w.add_images(k, np.asarray(v), int(step), dataformats="NHWC")
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        for k, v in texts.items():
+            self._w.add_text(k, str(v), int(step))
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        for k, v in arrays.items():
+            self._w.add_histogram(k, np.asarray(v), int(step))
+
+    def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
+        pass
+
+    def write_hparams(self, hparams):
+        self._w.add_text("hparams", json.dumps(hparams, default=str), 0)
+
+    def flush(self):
+        self._w.flush()
+
+    def close(self):
+        self._w.close()
+
+
+def make_writer(workdir: Path):
+    """CLU's default writer: console logging plus TensorBoard event files in ``workdir``.
+
+    Args:
+      workdir: the run directory.
+
+    Returns:
+      A CLU ``MetricWriter``.
+    """
+    _install_tf_free_summary_writer()
+    from clu import metric_writers
+
+    return metric_writers.create_default_writer(str(workdir), asynchronous=False)
+
+
+def fmt_time(seconds: float) -> str:
+    """``1h02m03s`` style duration."""
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def restore_run(workdir) -> tuple[Run, dict, Any, dict]:
+    """Opens a finished (or checkpointed) training run for analysis or export.
+
+    Args:
+      workdir: the run's directory (config.json, checkpoints/).
+
+    Returns:
+      ``(run, spec, state, results)``; ``results`` is results.json's content (or {}).
+
+    Raises:
+      FileNotFoundError: no config.json or no checkpoint.
+    """
+    workdir = Path(workdir)
+    cfg_path = workdir / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"workdir={str(workdir)!r} has no config.json: not a qsparse run")
+    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    for f in ("block_shape", "first_block_shape", "last_block_shape"):
+        config.sparsity[f] = tuple(config.sparsity[f])
+    run = build_run(config)
+    spec = make_spec(run)
+    state0 = init_state(run, spec, config.seed)
+    mgr = checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints)
+    got = restore_checkpoint(mgr, state0)
+    if got is None:
+        raise FileNotFoundError(f"workdir={str(workdir)!r} has no checkpoint")
+    results_path = workdir / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    return run, spec, got[1], results

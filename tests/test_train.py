@@ -1,0 +1,93 @@
+"""End-to-end training on scikit-learn's digits (seconds), results.json, resume."""
+
+import json
+import math
+
+import pytest
+
+from configs import digits
+from experiments import common
+from experiments.train import train_and_evaluate
+
+
+def small_config(**over):
+    c = digits.get_config()
+    c.num_epochs = 24
+    c.sparsity.prune_begin_epoch = 4
+    c.sparsity.prune_end_epoch = 14
+    c.checkpoint_every_epochs = 4
+    for k, v in over.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("digits")
+    return wd, train_and_evaluate(small_config(), wd)
+
+
+def test_end_to_end_accuracy_and_results_fields(digits_run):
+    wd, r = digits_run
+    assert r["test_accuracy"] > 0.85  # chance is 0.10
+    on_disk = json.loads((wd / "results.json").read_text())
+    for key in (
+        "test_accuracy",
+        "w_bits",
+        "a_bits",
+        "compression",
+        "block_sparsity",
+        "weight_memory_bits",
+        "fp32_weight_memory_bits",
+        "weight_compression",
+        "activation_memory_bits",
+        "total_memory_bits",
+        "num_params",
+        "steps",
+        "train_seconds",
+        "examples_per_second",
+        "config",
+    ):
+        assert key in on_disk, key
+    assert r["weight_compression"] == pytest.approx(
+        r["fp32_weight_memory_bits"] / r["weight_memory_bits"]
+    )
+    assert r["block_sparsity"] == pytest.approx(1 - 1 / 4, abs=0.01)
+    assert r["total_memory_bits"] == r["weight_memory_bits"] + r["activation_memory_bits"]
+    assert r["steps"] == 24 * (1437 // 64)
+    assert on_disk["config"]["quant"]["w_bits"] == 2
+    # 64-256-256-10 at 2 bits and 4X: codes alone are ~1/64 of FP32.
+    assert r["weight_compression"] > 30
+    assert (wd / "config.json").exists() and any(wd.glob("events.out.tfevents*"))
+
+
+def test_resume_continues_step_count(tmp_path):
+    c = small_config(
+        num_epochs=8,
+        checkpoint_every_epochs=2,
+        **{"sparsity.prune_begin_epoch": 2, "sparsity.prune_end_epoch": 5},
+    )
+    assert train_and_evaluate(c, tmp_path, stop_after_epochs=5) is None
+    mgr = common.checkpoint_manager(tmp_path / "checkpoints", 3)
+    assert mgr.latest_step() == 4 * (1437 // 64)  # last checkpoint: epoch 4
+    r = train_and_evaluate(c, tmp_path)
+    hist = r["history"]
+    assert [h["epoch"] for h in hist] == list(range(1, 9))  # no epoch twice, none missing
+    assert r["steps"] == 8 * (1437 // 64)
+    # Resumed run equals an uninterrupted one exactly.
+    full = train_and_evaluate(c, tmp_path / "full")
+    assert full["test_accuracy"] == r["test_accuracy"]
+    assert [h["train_loss"] for h in full["history"]] == [h["train_loss"] for h in hist]
+
+
+def test_other_config_in_workdir_refused(tmp_path):
+    one = {"num_epochs": 1, "sparsity.prune_begin_epoch": 0, "sparsity.prune_end_epoch": 1}
+    train_and_evaluate(small_config(**one), tmp_path)
+    with pytest.raises(common.ConfigError, match="quant.w_bits"):
+        train_and_evaluate(small_config(**one, **{"quant.w_bits": 3}), tmp_path)
+    r = train_and_evaluate(small_config(**one, **{"quant.w_bits": 3}), tmp_path, overwrite=True)
+    assert r["w_bits"] == 3 and math.isfinite(r["test_accuracy"])
