@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import types
@@ -19,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from qsparse import data as qdata
-from qsparse import models, quant, training, wrap
+from qsparse import models, quant, sparsity, training, wrap
 
 ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 
@@ -161,6 +162,35 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
         )
 
 
+def parse_flags(argv):
+    """absl flags parser for the CLIs: a bad flag or config field is one line and exit 2.
+
+    config_flags raises AttributeError/KeyError for unknown fields and ValueError for bad
+    literals, with multi-line messages; a new user needs the field and the fix, no traceback.
+
+    Args:
+      argv: the command line.
+
+    Returns:
+      The arguments left after the flags.
+    """
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - every parse failure becomes one line
+        msg = " ".join(str(e).replace("\\n", " ").split())
+        if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
+            msg = msg[1:-1]
+        m = re.match(r"^\\?'(\w+)\\?' Did you mean (.*)$", msg) or re.match(r"^'?(\w+)'?$", msg)
+        if m:
+            arg = next((a for a in argv if a.startswith("--config.") and m.group(1) in a), None)
+            hint = f"; did you mean {m.group(2)}" if m.lastindex and m.lastindex > 1 else ""
+            msg = f"{arg or m.group(1)}: no such config field {m.group(1)!r}{hint}"
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Building a run from a config.
 
@@ -224,11 +254,17 @@ def _layer_settings(config, names: list[str]) -> dict[str, dict]:
                 comp = s.first_compression
             if last and s.last_compression:
                 comp = s.last_compression
+        field = "sparsity.block_shape"
+        if first and tuple(s.first_block_shape):
+            field = "sparsity.first_block_shape"
+        if last and tuple(s.last_block_shape):
+            field = "sparsity.last_block_shape"
         out[name] = {
             "w_bits": w_bits,
             "a_bits": q.a_bits,
             "compression": float(comp) if block else 1.0,
             "block_shape": block or None,
+            "block_field": field,
         }
     return out
 
@@ -296,12 +332,18 @@ def build_plan(config, model, input_shape) -> tuple[wrap.Plan, list[str]]:
       ConfigError: a block shape does not divide a layer.
     """
     x = jnp.zeros((1, *input_shape), jnp.float32)
-    names = list(wrap.make_plan(model, [], x).layers)
-    try:
-        plan = wrap.make_plan(model, rules_from_config(config, names), x)
-    except ValueError as e:
-        raise ConfigError(f"sparsity.{e}") from None
-    return plan, names
+    bare = wrap.make_plan(model, [], x)
+    names = list(bare.layers)
+    for name, st in _layer_settings(config, names).items():
+        if st["block_shape"] is None:
+            continue
+        try:
+            sparsity.check_block_shape(
+                bare.layers[name].kernel_shape, st["block_shape"], st["block_field"]
+            )
+        except ValueError as e:
+            raise ConfigError(f"{e} (layer {name})") from None
+    return wrap.make_plan(model, rules_from_config(config, names), x), names
 
 
 def build_run(config, dataset: qdata.Dataset | None = None) -> Run:
@@ -521,7 +563,8 @@ def restore_checkpoint(mgr, abstract_state, log=logging.warning):
 
     Args:
       mgr: the manager.
-      abstract_state: a pytree with the state's structure (arrays or ShapeDtypeStructs).
+      abstract_state: a pytree with the state's structure (arrays or ShapeDtypeStructs); a
+        leaf's ``sharding``, if it has one, is where its restored array is placed.
       log: where to report a damaged checkpoint.
 
     Returns:
@@ -535,8 +578,14 @@ def restore_checkpoint(mgr, abstract_state, log=logging.warning):
     steps = sorted(mgr.all_steps(), reverse=True)
     if not steps:
         return None
+    # The target's sharding (when the abstract leaves carry one) tells Orbax where to place
+    # the arrays: without it a checkpoint saved on another device count cannot be read.
     target = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x,
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
+            if hasattr(x, "shape")
+            else x
+        ),
         abstract_state,
     )
     for step in steps:

@@ -193,7 +193,7 @@ def main(argv):
             overwrite=FLAGS.overwrite,
             stop_after_epochs=FLAGS.stop_after_epochs,
         )
-    except (common.ConfigError, FileNotFoundError) as e:
+    except (common.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if results is not None:
@@ -201,5 +201,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from experiments.common import parse_flags
+
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
