@@ -1,0 +1,39 @@
+"""Every experiment config is valid and builds its model and plan (no data, no training)."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+from experiments import common
+
+CONFIGS = sorted(
+    p.stem
+    for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py")
+    if p.stem not in ("__init__", "base") and not p.stem.startswith("sweep")
+)
+SHAPES = {
+    "fashion_mnist": (28, 28, 1),
+    "mnist": (28, 28, 1),
+    "kmnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+    "digits": (8, 8, 1),
+    "synthetic": (28, 28, 1),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds(name):
+    mod = importlib.import_module(f"configs.{name}")
+    assert "python -m experiments.train --config=configs/" in mod.__doc__
+    c = mod.get_config()
+    common.validate(c)
+    model = common.build_model(c, 10)
+    plan, names = common.build_plan(c, model, SHAPES[c.dataset])
+    assert names and set(plan.layers) == set(names)
+    spec = plan.init_spec()
+    mem = plan.memory(spec)
+    assert mem["weight_memory_bits"] > 0
+    if c.quant.w_bits == 2 and c.sparsity.compression == 4 and c.dataset == "fashion_mnist":
+        # Target counts of the joint setting on every layer: >= 50X before training.
+        assert float(mem["weight_compression"]) >= 50, name
