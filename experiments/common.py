@@ -451,7 +451,11 @@ def result_metrics(run: Run, state, spec, test_accuracy: float) -> dict:
     Returns:
       dict of plain Python numbers.
     """
-    mem = run.plan.memory(spec["layers"], state.params[training.PARAMS])
+    # Count what is deployed: the quantized kernels (quantization can empty a kept block).
+    deployed = run.plan.transform_params(
+        state.params[training.PARAMS], state.params[training.QUANT], spec["layers"]
+    )
+    mem = run.plan.memory(spec["layers"], deployed)
     first = run.layer_names[0]
     num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params["params"]))
     return {

@@ -220,7 +220,8 @@ def gradual_block_pruning(
 ) -> optax.GradientTransformation:
     """Gradual block pruning to a target compression on the cubic schedule.
 
-    On schedule steps (``begin <= count <= end`` and ``(count - begin) % frequency == 0``)
+    On schedule steps (``begin <= count <= end`` and ``(count - begin) % frequency == 0``, and
+    always at ``end``)
     the masks are recomputed from ``params + update`` at the scheduled compression
     (:func:`compression_schedule`); otherwise the stored masks are reused (``lax.cond``: no
     mask work on other steps). After ``end`` the masks are frozen. The returned update lands
@@ -255,7 +256,12 @@ def gradual_block_pruning(
         if params is None:
             raise ValueError("gradual_block_pruning needs params: call update(u, s, params)")
         count = state.count
-        on_schedule = (count >= begin) & (count <= end) & ((count - begin) % frequency == 0)
+        # The last update is forced at `end` so the target is reached exactly.
+        on_schedule = (
+            (count >= begin)
+            & (count <= end)
+            & (((count - begin) % frequency == 0) | (count == end))
+        )
         new_params = jax.tree.map(lambda p, u: p + u, params, updates)
 
         def recompute(_):

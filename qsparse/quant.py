@@ -6,12 +6,15 @@ arrays), never static arguments, so one compiled program serves every precision 
 
 Level sets (symmetric, ``zero_level=True``, the default):
 
-* ``bits == 1``: binary ``{-a, +a}`` with ``a`` the scale (mean-abs by default).
+* ``bits == 1``: binary ``{-a, +a}`` with ``a`` the scale (max-abs or mean-abs or learned).
 * ``bits >= 2``: the ``2 * n + 1`` integers ``-n .. n`` times a step, ``n = 2**(bits-1) - 1``.
   Zero is a level, so 2-bit weights are ternary ``{-s, 0, +s}`` (one of the four codes unused);
   this keeps pruned weights representable and suits block sparsity.
 * ``zero_level=False`` gives the mid-rise set ``(-2**(bits-1) + 1/2 .. 2**(bits-1) - 1/2) * s``,
   all ``2**bits`` codes used, no zero.
+
+Exact zeros (pruned weights) map to zero at every bit width, also for 1-bit and mid-rise sets
+(a pruned block is not stored, so the deployed model computes with zeros there).
 
 Activations are unsigned after ReLU: ``2**bits`` levels ``0, c/(2**bits-1), ..., c`` on ``[0, c]``.
 """
@@ -68,6 +71,26 @@ def _round_bwd(_, g):
 
 
 round_ste.defvjp(_round_fwd, _round_bwd)
+
+
+@jax.custom_vjp
+def sign_ste(x):
+    """``+1`` for ``x >= 0``, ``-1`` otherwise, with a straight-through (identity) gradient.
+
+    Args:
+      x: array (clip it first to limit where the gradient passes).
+
+    Returns:
+      ``where(x >= 0, 1, -1)`` in ``x``'s dtype; exactly ``±1``.
+    """
+    return jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
+
+
+def _sign_fwd(x):
+    return sign_ste(x), None
+
+
+sign_ste.defvjp(_sign_fwd, _round_bwd)
 
 
 def weight_levels(bits, zero_level: bool = True):
@@ -173,9 +196,11 @@ def quantize_weight(
     else:
         multi = round_ste(jnp.clip(x, -n, n) - 0.5) + 0.5
     # Binary: sign with a straight-through gradient inside [-1, 1] (in units of s).
-    xb = jnp.clip(x, -1.0, 1.0)
-    binary = xb + jax.lax.stop_gradient(jnp.where(x >= 0, 1.0, -1.0) - xb)
+    binary = sign_ste(jnp.clip(x, -1.0, 1.0))
     codes = jnp.where(bits <= 1, binary, multi)
+    # Exact zeros (pruned weights) stay zero at every bit width: a pruned block is not stored,
+    # so the deployed model computes with zeros there, and so must training.
+    codes = jnp.where(w == 0, 0.0, codes)
     q = (codes * s).astype(w.dtype)
     return jnp.where(bits >= FULL_PRECISION, w, q)
 

@@ -143,3 +143,12 @@ def test_bad_schedule_and_paths():
     tx = optim.proximal_block_lasso(0.1, {"nope/kernel": (2, 2)})
     with pytest.raises(ValueError, match="nope/kernel"):
         tx.init(make_params())
+
+
+def test_target_reached_when_end_is_off_the_frequency_grid():
+    tx = optax.chain(
+        optax.adam(1e-2), optim.gradual_block_pruning(SHAPES, 4.0, begin=0, end=7, frequency=5)
+    )
+    _, s = run(tx, 9)
+    kept = int((block_norms(s[1].masks["a"]["kernel"], (4, 4)) > 0).sum())
+    assert kept == 2  # ceil(8 / 4), not the schedule's value at step 5

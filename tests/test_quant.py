@@ -108,3 +108,11 @@ def test_bad_scale_mode():
         quantize_weight(W, 2, scale_mode="median")
     with pytest.raises(ValueError, match="step"):
         quantize_weight(W, 2, scale_mode="learned")
+
+
+@pytest.mark.parametrize("bits,zero_level", [(1, True), (2, False), (3, False), (4, True)])
+def test_exact_zeros_stay_zero(bits, zero_level):
+    w = W.at[:8].set(0.0)  # a pruned block
+    q = quantize_weight(w, bits, zero_level=zero_level, scale_mode="mean")
+    assert (np.asarray(q[:8]) == 0).all()
+    assert len(np.unique(np.asarray(q[8:]))) <= 2**bits
