@@ -91,3 +91,13 @@ def test_other_config_in_workdir_refused(tmp_path):
         train_and_evaluate(small_config(**one, **{"quant.w_bits": 3}), tmp_path)
     r = train_and_evaluate(small_config(**one, **{"quant.w_bits": 3}), tmp_path, overwrite=True)
     assert r["w_bits"] == 3 and math.isfinite(r["test_accuracy"])
+
+
+def test_export_of_a_run_matches_memory_model_and_accuracy(digits_run):
+    from experiments.export import export_run
+
+    wd, r = digits_run
+    info = export_run(wd, wd / "model.qsp")
+    assert abs(info["payload_bytes"] - r["weight_memory_bits"] / 8) <= 0.01 * info["payload_bytes"]
+    assert info["packed_accuracy"] == info["trained_accuracy"] == r["test_accuracy"]
+    assert info["max_abs_logit_diff"] <= 1e-5 and info["same_predictions"]
