@@ -17,9 +17,13 @@ from pathlib import Path
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
-flags.DEFINE_string("output", None, "The packed model file to write (default WORKDIR/model.qsp).")
-flags.DEFINE_string("check", None, "Only load and evaluate this packed file (with --workdir).")
+
+
+def define_flags():
+    """Defines the CLI flags (only when run as a program, so modules can share flag names)."""
+    flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
+    flags.DEFINE_string("output", None, "The packed model file (default WORKDIR/model.qsp).")
+    flags.DEFINE_string("check", None, "Only load and evaluate this packed file (with --workdir).")
 
 
 def export_run(workdir, output) -> dict:
@@ -106,4 +110,5 @@ def main(argv):
 if __name__ == "__main__":
     from experiments.common import parse_flags
 
+    define_flags()
     app.run(main, flags_parser=parse_flags)

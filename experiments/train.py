@@ -21,12 +21,16 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
-flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds a run of another config.")
-flags.DEFINE_integer(
-    "stop_after_epochs", 0, "Stop (as if killed) after this many epochs of this invocation; tests."
-)
+
+
+def define_flags():
+    """Defines the CLI flags (only when run as a program, so modules can share flag names)."""
+    config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+    flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds a run of another config.")
+    flags.DEFINE_integer(
+        "stop_after_epochs", 0, "Stop after this many epochs of this invocation (for tests)."
+    )
 
 
 def train_and_evaluate(config, workdir, *, overwrite: bool = False, stop_after_epochs: int = 0):
@@ -203,5 +207,6 @@ def main(argv):
 if __name__ == "__main__":
     from experiments.common import parse_flags
 
+    define_flags()
     flags.mark_flags_as_required(["config"])
     app.run(main, flags_parser=parse_flags)
