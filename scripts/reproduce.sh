@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Reproduces the study of shared/seed/thesis-abstract.txt on Fashion-MNIST (offline, Debian
+# package), about 70 minutes on 2 CPU cores, and writes small files (CSV, JSON, PNG, Markdown)
+# to experiments/results/, then the README's Results table (experiments/report.py).
+#
+#   bash scripts/reproduce.sh                 # every part
+#   bash scripts/reproduce.sh anchors grid    # some parts: anchors levers grid shapes report
+#
+# Parts:
+#   anchors  experiments.train: FP32 dense, quantization only (2/2), sparsity only (4X), joint
+#            2/2/4X on every layer; MLP 784-512-512-10, 30 epochs (~15 min)
+#   levers   experiments.train: the joint setting with one lever changed each: max-abs instead
+#            of learned (LSQ) steps, fixed instead of learned (PACT) clips, no proximal block
+#            lasso, balanced blocks, 45 instead of 30 epochs, distillation from the FP32
+#            anchor (~20 min)
+#   grid     experiments.sweep configs/repro_grid.py: 60 settings w x a x compression (~20 min)
+#   shapes   experiments.sweep configs/repro_shapes.py: shallow-dense vs wide- vs deep-sparse
+#            at matched kept weights (~12 min)
+#   report   experiments/report.py: results table, plots, README section
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup.sh
+VENV="${QSPARSE_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+PYTHON="$PY" bash scripts/prepare_data.sh >/dev/null
+RUNS="${QSPARSE_RUNS:-runs/repro}"
+OUT=experiments/results
+mkdir -p "$RUNS" "$OUT/anchors" "$OUT/levers"
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(anchors levers grid shapes report)
+
+train() {  # name config [overrides...]: train (or resume), keep results.json without history
+  local name=$1 cfg=$2 dest=$3
+  shift 3
+  echo "== $name"
+  "$PY" -m experiments.train --config="$cfg" --workdir="$RUNS/$name" "$@" | tail -n 1
+  "$PY" - "$RUNS/$name/results.json" "$dest/$name.json" <<'PYEOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+r["history"] = [{k: h[k] for k in ("epoch", "test_accuracy", "train_loss")} for h in r["history"]]
+json.dump(r, open(sys.argv[2], "w"), indent=1)
+PYEOF
+}
+
+sweep() {  # name config
+  local name=$1 cfg=$2
+  echo "== $name"
+  "$PY" -m experiments.sweep --config="$cfg" --workdir="$RUNS/$name"
+  mkdir -p "$OUT/$name"
+  cp "$RUNS/$name"/{results.csv,pareto.csv,pareto.png,pareto_weight.png,summary.md} "$OUT/$name/"
+}
+
+for part in "${PARTS[@]}"; do
+  case "$part" in
+    anchors)
+      train dense_fp32 configs/dense_fp32.py "$OUT/anchors"
+      train quant_only configs/quant_only.py "$OUT/anchors"
+      train sparse_only configs/sparse_only.py "$OUT/anchors"
+      train joint configs/joint.py "$OUT/anchors"
+      ;;
+    levers)
+      train max_scale configs/joint.py "$OUT/levers" --config.quant.scale_mode=max
+      train fixed_clip configs/joint.py "$OUT/levers" --config.quant.learn_clip=False
+      train no_prox configs/joint.py "$OUT/levers" --config.sparsity.prox_strength=0.0
+      train balanced configs/joint.py "$OUT/levers" --config.sparsity.balanced=True
+      train long_ft configs/joint.py "$OUT/levers" --config.num_epochs=45
+      train distill configs/joint.py "$OUT/levers" --config.distill.weight=0.7 \
+        --config.distill.teacher_workdir="$RUNS/dense_fp32"
+      ;;
+    grid) sweep grid configs/repro_grid.py ;;
+    shapes) sweep shapes configs/repro_shapes.py ;;
+    report) "$PY" -m experiments.report --results="$OUT" --readme=README.md ;;
+    *) echo "unknown part '$part': use anchors levers grid shapes report" >&2; exit 2 ;;
+  esac
+done

@@ -1,0 +1,298 @@
+"""Sweeps: a chunked, sharded sweep equals separate runs, compiles once per shape, resumes."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import sweep_digits_smoke
+from experiments import common, sweep
+from experiments.train import train_and_evaluate
+from qsparse import data as qdata
+from qsparse import training
+
+ROOT = Path(__file__).resolve().parent.parent
+# Results that must agree between runs; the rest is timing (and chunk numbers when layouts
+# differ on purpose).
+IGNORED = set(sweep.TIMING_COLUMNS) | {"chunk"}
+MEMORY = [
+    "block_sparsity",
+    "weight_memory_bits",
+    "fp32_weight_memory_bits",
+    "weight_compression",
+    "activation_memory_bits",
+    "total_memory_bits",
+    "num_params",
+    "steps",
+]
+
+
+def tiny_config(**over):
+    """4 settings (w {2, 32} x a {2, 32} at 4X) on digits, MLP 64-64-10, 4 epochs.
+
+    chunk_size=3 makes two chunks, the second padded (1 real setting + 2 copies).
+    """
+    c = sweep_digits_smoke.get_config()
+    c.model.hidden = [64]
+    c.num_epochs = 4
+    c.sparsity.prune_begin_epoch = 1
+    c.sparsity.prune_end_epoch = 3
+    c.checkpoint_every_epochs = 1
+    c.sweep.compression = [4.0]
+    c.sweep.chunk_size = 3
+    c.sweep.vectorize = "map"
+    for k, v in over.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if k not in IGNORED} for r in rows]
+
+
+def run_counted(config, workdir, fresh=False, **kw):
+    """run_sweep and the traces it made; ``fresh``: forget this process's compiled programs."""
+    if fresh:
+        sweep._PROGRAMS.clear()
+    sweep.TRACES.clear()
+    rows = sweep.run_sweep(config, workdir, progress=False, **kw)
+    return rows, dict(sweep.TRACES)
+
+
+@pytest.fixture(scope="module")
+def mapped(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("sweep_map")
+    rows, traces = run_counted(tiny_config(), wd, fresh=True)
+    return wd, rows, traces
+
+
+@pytest.fixture(scope="module")
+def vmapped(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("sweep_vmap")
+    rows, traces = run_counted(tiny_config(**{"sweep.vectorize": "vmap"}), wd)  # only vmap here
+    return wd, rows, traces
+
+
+@pytest.fixture(scope="module")
+def separate(tmp_path_factory):
+    """experiments.train on each setting alone (the sweep's reference)."""
+    config = tiny_config()
+    out = []
+    for s in sweep.enumerate_settings(config):
+        wd = tmp_path_factory.mktemp(f"train_{s.id}")
+        out.append(train_and_evaluate(sweep.setting_config(config, s), wd))
+    return out
+
+
+def test_outputs_and_one_compilation_per_shape(mapped, vmapped):
+    for wd, rows, traces in (mapped, vmapped):
+        assert len(rows) == 4 and [r["setting"] for r in rows] == [0, 1, 2, 3]
+        assert [r["chunk"] for r in rows] == [0, 0, 0, 1]  # padding dropped
+        shape = ("mlp", (64,), (32, 64))
+        # Two chunks (3 settings, then 1 padded to 3), four epochs each: one trace each.
+        assert traces == {("epoch", shape): 1, ("eval", shape): 1}
+        for name in ("results.csv", "pareto.csv", "pareto.png", "pareto_weight.png"):
+            assert (wd / name).stat().st_size > 0, name
+        assert "Pareto front" in (wd / "summary.md").read_text()
+        assert sweep.read_results(wd / "results.csv") == rows
+        for r in rows:
+            assert not r["diverged"] and r["diverged_step"] == -1
+            assert r["steps"] == 4 * (1437 // 64)
+            assert r["total_memory_bits"] == r["weight_memory_bits"] + r["activation_memory_bits"]
+            assert r["block_sparsity"] == pytest.approx(0.75, abs=0.01)
+
+
+def test_map_equals_separate_runs_exactly(mapped, separate):
+    _, rows, _ = mapped
+    for r, ref in zip(rows, separate):
+        assert (r["w_bits"], r["a_bits"]) == (ref["w_bits"], ref["a_bits"])
+        assert r["test_accuracy"] == pytest.approx(ref["test_accuracy"], abs=1e-4)
+        for k in MEMORY:
+            assert r[k] == ref[k], k
+
+
+def test_vmap_equals_separate_runs(vmapped, separate):
+    """Within float tolerance; joint low-bit settings only within run-to-run noise.
+
+    vmap sums batched reductions in another order (last-bit differences); a 2-bit weight and
+    2-bit activation setting amplifies them into other quantized codes (see sweep.py).
+    """
+    _, rows, _ = vmapped
+    for r, ref in zip(rows, separate):
+        chaotic = r["w_bits"] <= 4 and r["a_bits"] <= 4
+        assert r["test_accuracy"] == pytest.approx(
+            ref["test_accuracy"], abs=0.05 if chaotic else 1e-4
+        )
+        for k in MEMORY:
+            if not chaotic:
+                assert r[k] == ref[k], k
+        assert r["num_params"] == ref["num_params"] and r["steps"] == ref["steps"]
+
+
+def test_pareto_rows_are_results_and_undominated(mapped):
+    wd, rows, _ = mapped
+    front = sweep.read_results(wd / "pareto.csv")
+    assert {r["frontier"] for r in front} == {"total", "weight"}
+    results = {r["setting"]: r for r in rows}
+    for f in front:
+        mem = sweep.FRONTIERS[f["frontier"]]
+        assert {k: v for k, v in f.items() if k != "frontier"} == results[f["setting"]]
+        for r in rows:
+            dominates = (
+                r["test_accuracy"] >= f["test_accuracy"]
+                and r[mem] <= f[mem]
+                and (r["test_accuracy"] > f["test_accuracy"] or r[mem] < f[mem])
+            )
+            assert not dominates, (r["setting"], f["setting"], f["frontier"])
+
+
+def test_load_setting_gives_reported_accuracy(mapped):
+    wd, rows, _ = mapped
+    evaluate = None
+    for sid in (1, 3):  # one in a full chunk, one in the padded chunk
+        run, spec, state = sweep.load_setting(wd, sid)
+        assert run.config.quant.w_bits == rows[sid]["w_bits"]
+        dev = qdata.to_device(run.dataset)
+        if evaluate is None:  # the settings share a shape: one compilation serves both
+            evaluate = jax.jit(training.make_eval(run.model, run.plan, run.config.eval_batch_size))
+        ev = evaluate(state.params, spec, dev["test_x"], dev["test_y"])
+        assert float(ev["accuracy"]) == pytest.approx(rows[sid]["test_accuracy"], abs=1e-4)
+        assert (
+            common.result_metrics(run, state, spec, 0.0)["weight_memory_bits"]
+            == (rows[sid]["weight_memory_bits"])
+        )
+
+
+def test_killed_sweep_resumes_to_same_results(mapped, tmp_path, monkeypatch):
+    _, rows, _ = mapped
+    config = tiny_config()
+    # Killed in the first chunk's third epoch (checkpointed after epoch 2), then in chunk 2.
+    assert sweep.run_sweep(config, tmp_path, stop_after_epochs=2, progress=False) is None
+    assert not (tmp_path / "results.csv").exists()
+    assert sweep.run_sweep(config, tmp_path, stop_after_epochs=3, progress=False) is None
+    finished = tmp_path / "chunks" / "chunk_0.json"
+    stamp = finished.stat().st_mtime_ns
+    # Count the epochs the last call runs (the compiled program is reused from this process).
+    calls = []
+    for prog in sweep._PROGRAMS.values():
+        epoch = prog.epoch
+        monkeypatch.setattr(prog, "epoch", lambda *a, f=epoch: calls.append(1) or f(*a))
+    resumed, traces = run_counted(config, tmp_path)
+    assert traces == {} and len(calls) == 3  # chunk 1's epochs 2-4 only
+    assert finished.stat().st_mtime_ns == stamp  # chunk 0 was not rerun
+    assert comparable(resumed) == comparable(rows)
+    assert comparable(sweep.read_results(tmp_path / "results.csv")) == comparable(rows)
+
+
+_SHARDED = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    sys.path.insert(0, sys.argv[2])
+    from test_sweep import tiny_config
+    from experiments import sweep
+
+    assert jax.device_count() == 4, jax.devices()
+    # The tiny grid plus a learning rate that makes every loss non-finite.
+    config = tiny_config(**{"sweep.learning_rate": [3e-3, 1e30]})
+    rows = sweep.run_sweep(config, sys.argv[1], progress=False)
+    print(json.dumps({"rows": rows, "chunks": json.load(open(sys.argv[1] + "/chunks.json"))}))
+    """
+)
+
+
+def test_sharded_equals_unsharded_and_divergence_is_contained(mapped, tmp_path):
+    """4 forced CPU devices (fixed at JAX start, hence a subprocess) give the same numbers."""
+    _, rows, _ = mapped
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-c", _SHARDED, str(tmp_path / "wd"), str(Path(__file__).parent)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [len(c["ids"]) for c in got["chunks"]] == [4, 4]  # settings split over 4 devices
+    sharded = [r for r in got["rows"] if r["learning_rate"] == 3e-3]
+    wild = [r for r in got["rows"] if r["learning_rate"] == 1e30]
+    # The same settings as the 1-device, 2-chunk sweep, bit for bit (map mode), although they
+    # shared chunks with diverging settings.
+    key = lambda r: (r["w_bits"], r["a_bits"])  # noqa: E731
+    ref = {key(r): r for r in comparable(rows)}
+    for r in comparable(sharded):
+        assert {k: v for k, v in r.items() if k not in ("setting", "learning_rate")} == {
+            k: v for k, v in ref[key(r)].items() if k not in ("setting", "learning_rate")
+        }
+    assert all(r["diverged"] and r["diverged_step"] >= 0 for r in wild)
+    assert all(not r["diverged"] for r in sharded)
+    assert all(not math.isnan(r["test_accuracy"]) for r in got["rows"])
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        ({"sweep.w_bits": [2, 9]}, "sweep.w_bits"),
+        ({"sweep.a_bits": []}, "sweep.a_bits"),
+        ({"sweep.compression": [0.5]}, "sweep.compression"),
+        ({"sweep.chunk_size": 0}, "sweep.chunk_size"),
+        ({"sweep.seeds": [-1]}, "sweep.seeds"),
+        ({"sweep.vectorize": "pmap"}, "sweep.vectorize"),
+        ({"sweep.models": [{"name": "x", "hidden": [64], "widths": [3]}]}, "sweep.models[0]"),
+        ({"sweep.models": [{"name": "x", "hidden": [0]}]}, "sweep.models[0].hidden"),
+        ({"sweep.models": [{"name": "x", "hidden": [64], "w_bits": [5, 64]}]}, "w_bits"),
+    ],
+)
+def test_bad_sweep_values_fail_before_compute(override, field, tmp_path):
+    with pytest.raises(common.ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        sweep.run_sweep(tiny_config(**override), tmp_path / "wd", progress=False)
+    assert not (tmp_path / "wd").exists()
+
+
+def test_cli_bad_value_is_one_line_exit_2(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.sweep",
+            "--config=configs/sweep_digits_smoke.py",
+            f"--workdir={tmp_path / 'wd'}",
+            "--config.sweep.chunk_size=0",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "error: sweep.chunk_size=0 is not allowed: use an integer >= 1"
+    ]
+
+
+def test_chunks_round_to_devices_and_pad():
+    settings = sweep.enumerate_settings(tiny_config(**{"sweep.seeds": [0, 1, 2]}))
+    assert len(settings) == 12
+    chunks = sweep.make_chunks(settings, chunk_size=5, num_devices=4)
+    assert [len(c.ids) for c in chunks] == [8, 8] and [c.num_real for c in chunks] == [8, 4]
+    assert chunks[1].ids[4:] == (11, 11, 11, 11)
+    few = sweep.make_chunks(settings[:3], chunk_size=16, num_devices=2)
+    assert [c.ids for c in few] == [(0, 1, 2, 2)]  # no more padding than the devices need
+    np.testing.assert_array_equal(sorted({i for c in chunks for i in c.ids}), np.arange(12))
