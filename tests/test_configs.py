@@ -10,7 +10,7 @@ from experiments import common
 CONFIGS = sorted(
     p.stem
     for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py")
-    if p.stem not in ("__init__", "base") and not p.stem.startswith("sweep")
+    if p.stem not in ("__init__", "base") and not p.stem.startswith(("sweep", "repro"))
 )
 SHAPES = {
     "fashion_mnist": (28, 28, 1),
