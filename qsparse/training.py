@@ -146,14 +146,17 @@ def make_optimizer(plan: Plan, sched: Schedule, spec) -> optax.GradientTransform
         optax.chain(
             inner,
             _scheduled_prox(strength, shapes, sched.prune_begin),
-            optim.gradual_block_pruning(
-                shapes,
-                plan.compressions(spec["layers"], (PARAMS,)),
-                begin=sched.prune_begin,
-                end=sched.prune_end,
-                frequency=sched.prune_every,
-                balanced=sched.balanced,
-                scope="layer" if sched.scope == "layer" else "global",
+            _scheduled_pruning(
+                optim.gradual_block_pruning(
+                    shapes,
+                    plan.compressions(spec["layers"], (PARAMS,)),
+                    begin=sched.prune_begin,
+                    end=sched.prune_end,
+                    frequency=sched.prune_every,
+                    balanced=sched.balanced,
+                    scope="layer" if sched.scope == "layer" else "global",
+                ),
+                sched,
             ),
         )
     )
@@ -170,17 +173,102 @@ class _ProxStrength(NamedTuple):
     lam: Any
 
 
+@jax.custom_batching.custom_vmap
+def _any_setting(pred):
+    """``pred`` itself; under ``jax.vmap``, whether it holds for any setting of the batch.
+
+    Under ``vmap`` a ``lax.cond`` on a batched predicate becomes a ``select`` that runs both
+    branches for every setting on every step, so a sweep would redo the work the cond skips
+    (mask recomputation, the prox) on every step. The schedule predicates depend only on step
+    counts, which the settings of a sweep share, so branching on "any setting" keeps a real
+    branch; inside it each setting still follows its own predicate, so the result is exact
+    even when the counts differ.
+    """
+    return pred
+
+
+@_any_setting.def_vmap
+def _any_setting_vmap(axis_size, in_batched, pred):
+    del axis_size
+    return (jnp.any(pred) if in_batched[0] else pred), False
+
+
+@jax.custom_batching.custom_vmap
+def _per_setting(x, like):
+    """``x`` itself; under ``jax.vmap``, ``x`` given the batch axis of ``like`` if it lacks one.
+
+    A sweep shares its data batch between settings while their kernels are batched. JAX then
+    folds the settings axis of a kernel into its matmul's output dimension, which costs a
+    transpose of the first layer's stacked kernel (forward) and of its gradient (backward)
+    on every step: the largest memory traffic of a vmapped step of a small model on a CPU.
+    A per-setting copy of the input batch (small) makes every matmul a plain batched one.
+    """
+    del like
+    return x
+
+
+@_per_setting.def_vmap
+def _per_setting_vmap(axis_size, in_batched, x, like):
+    del like
+    if in_batched[0]:
+        return x, True
+    return jnp.broadcast_to(x, (axis_size, *x.shape)), True
+
+
 def _scheduled_prox(strength: _ProxStrength, shapes, until):
-    """Block-lasso prox whose threshold follows the learning rate schedule."""
+    """Block-lasso prox whose threshold follows the learning rate schedule.
+
+    The prox only acts while ``count < until``; after that it is skipped (``lax.cond``), so the
+    pruning and fine-tuning phases do not pay for block norms and a shrink they throw away.
+    """
 
     def init_fn(params):
         return optim.proximal_block_lasso(0.0, shapes, until=until).init(params)
 
     def update_fn(updates, state, params=None):
         t = strength.lr(state.count) * strength.lam
-        return optim.proximal_block_lasso(t, shapes, until=until).update(updates, state, params)
+        prox = optim.proximal_block_lasso(t, shapes, until=until)
+
+        def skip():
+            # What the prox returns when inactive: the updates unchanged, the count advanced.
+            return updates, optim.ProxState(count=optax.safe_increment(state.count))
+
+        return jax.lax.cond(
+            _any_setting(state.count < until), lambda: prox.update(updates, state, params), skip
+        )
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _scheduled_pruning(prune: optax.GradientTransformation, sched: Schedule):
+    """:func:`qsparse.optim.gradual_block_pruning` with its mask update kept a real branch.
+
+    Its own ``lax.cond`` on the schedule turns into a ``select`` under ``jax.vmap`` (the step
+    counts are batched), which recomputes every setting's masks (block norms, two sorts) on
+    every step. Here the inner transform runs as it is on (a superset of) the schedule steps,
+    and on all other steps it runs at a count past the schedule, where its documented
+    behaviour is to apply the stored masks; the count is then put back on track.
+    """
+    off = sched.prune_end + 1  # past the schedule: the stored masks are applied, not recomputed
+
+    def update_fn(updates, state, params=None):
+        count = state.count
+        # The schedule steps of gradual_block_pruning (every prune_every from prune_begin, and
+        # prune_end), or more: a step wrongly taken as one only costs a recompute there.
+        on = (
+            (count >= sched.prune_begin)
+            & (count <= sched.prune_end)
+            & (((count - sched.prune_begin) % sched.prune_every == 0) | (count == sched.prune_end))
+        )
+
+        def keep():
+            past = state._replace(count=jnp.asarray(off, count.dtype))
+            new_updates, new_state = prune.update(updates, past, params)
+            return new_updates, new_state._replace(count=optax.safe_increment(count))
+
+        return jax.lax.cond(_any_setting(on), lambda: prune.update(updates, state, params), keep)
+
+    return optax.GradientTransformation(prune.init, update_fn)
 
 
 def init_state(model: nn.Module, plan: Plan, sched: Schedule, spec, key, sample_x) -> TrainState:
@@ -233,6 +321,11 @@ def make_train_step(model: nn.Module, plan: Plan, sched: Schedule):
       ``finite`` (False when the loss is NaN/inf). A diverged setting is only flagged: under
       ``vmap`` each setting is independent, so its NaNs cannot reach the others, and a flag
       costs one scalar test instead of a select over the whole state.
+
+      Under ``jax.vmap`` over settings (stacked states and specs, a shared data batch), the
+      schedule's skips (mask recomputation only on its steps, the prox only before pruning)
+      stay real branches, and the shared batch is copied per setting so every matmul is a
+      plain batched one; see ``_any_setting`` and ``_per_setting``.
     """
 
     def loss_fn(params, spec, x, y, teacher):
@@ -247,7 +340,8 @@ def make_train_step(model: nn.Module, plan: Plan, sched: Schedule):
         return loss, acc
 
     def train_step(state: TrainState, batch, spec):
-        x, y = batch[0], batch[1]
+        x = _per_setting(batch[0], jax.tree.leaves(state.params)[0])
+        y = batch[1]
         teacher = batch[2] if len(batch) > 2 else None
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params, spec, x, y, teacher
