@@ -191,6 +191,24 @@ def parse_flags(argv):
         sys.exit(2)
 
 
+def cli_start(flag_values) -> None:
+    """Common start of the CLIs: quiet library logs, and a workdir is required.
+
+    Orbax and TFDS log every file operation at INFO; the CLIs print progress themselves, so
+    library logs are shown only with ``--verbosity`` > 0.
+
+    Args:
+      flag_values: the parsed absl FLAGS (with ``workdir``).
+    """
+    from absl import logging as absl_logging
+
+    if flag_values.verbosity <= 0:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    if flag_values.workdir is None:
+        print("error: --workdir is required", file=sys.stderr)
+        sys.exit(2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Building a run from a config.
 

@@ -1133,12 +1133,7 @@ def main(argv):
     del argv
     from experiments import common
 
-    # Orbax and TFDS log every file operation at INFO; the progress bar is shown instead.
-    if FLAGS.verbosity <= 0:
-        logging.set_verbosity(logging.WARNING)
-    if FLAGS.workdir is None:
-        print("error: --workdir is required", file=sys.stderr)
-        sys.exit(2)
+    common.cli_start(FLAGS)
     t0 = time.perf_counter()
     try:
         rows = run_sweep(

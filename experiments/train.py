@@ -183,13 +183,7 @@ def main(argv):
     del argv
     from experiments import common
 
-    # Orbax and TFDS log every file operation at INFO; progress lines are printed instead.
-    if FLAGS.verbosity <= 0:
-        logging.set_verbosity(logging.WARNING)
-
-    if FLAGS.workdir is None:
-        print("error: --workdir is required", file=sys.stderr)
-        sys.exit(2)
+    common.cli_start(FLAGS)
     try:
         results = train_and_evaluate(
             FLAGS.config,
