@@ -63,6 +63,11 @@ class Schedule:
                 f"prune schedule begin={self.prune_begin}, end={self.prune_end} is not allowed:"
                 f" need 0 <= begin <= end <= total_steps={self.total_steps}"
             )
+        # The last optimizer step has count total_steps - 1: a schedule that ends at
+        # total_steps would never take its final mask update, and miss the target.
+        last = self.total_steps - 1
+        object.__setattr__(self, "prune_end", min(self.prune_end, last))
+        object.__setattr__(self, "prune_begin", min(self.prune_begin, self.prune_end))
 
 
 class TrainState(NamedTuple):

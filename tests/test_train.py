@@ -102,3 +102,9 @@ def test_export_of_a_run_matches_memory_model_and_accuracy(digits_run):
     assert info["packed_accuracy"] == info["trained_accuracy"]
     assert info["trained_accuracy"] == pytest.approx(r["test_accuracy"], abs=1e-6)
     assert info["max_abs_logit_diff"] <= 1e-5 and info["same_predictions"]
+
+
+def test_target_reached_when_pruning_ends_with_training(tmp_path):
+    over = {"num_epochs": 3, "sparsity.prune_begin_epoch": 1, "sparsity.prune_end_epoch": 3}
+    r = train_and_evaluate(small_config(**over), tmp_path)
+    assert r["block_sparsity"] == pytest.approx(0.75, abs=0.01)
