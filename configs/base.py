@@ -19,8 +19,8 @@ def get_base() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.name = "mlp"  # mlp | lenet | vgg
-    c.model.hidden = [512, 512]  # MLP hidden widths; for lenet/vgg the Dense width is hidden[-1]
-    c.model.channels = [32, 64]  # conv channels (lenet: two stages, vgg: one per stage)
+    c.model.hidden = (512, 512)  # MLP hidden widths; for lenet/vgg the Dense width is hidden[-1]
+    c.model.channels = (32, 64)  # conv channels (lenet: two stages, vgg: one per stage)
 
     c.quant = ml_collections.ConfigDict()
     c.quant.w_bits = 2  # weight bits, 1..8 or 32 (float)

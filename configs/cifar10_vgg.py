@@ -13,8 +13,8 @@ def get_config():
     c = get_base()
     c.dataset = "cifar10"
     c.model.name = "vgg"
-    c.model.channels = [32, 64, 128]
-    c.model.hidden = [256]
+    c.model.channels = (32, 64, 128)
+    c.model.hidden = (256,)
     c.quant.first_w_bits = 8
     c.sparsity.first_block_shape = (9, 8)  # conv1 (3,3,3,32) is a 27x32 matrix
     c.sparsity.first_compression = 1.0

@@ -10,5 +10,5 @@ from configs.base import get_base
 def get_config():
     """Returns the deep-sparse config."""
     c = get_base()
-    c.model.hidden = [512, 512, 512, 512]
+    c.model.hidden = (512, 512, 512, 512)
     return c

@@ -11,7 +11,7 @@ def get_config():
     """Returns the digits config."""
     c = get_base()
     c.dataset = "digits"
-    c.model.hidden = [256, 256]
+    c.model.hidden = (256, 256)
     c.batch_size = 64
     c.learning_rate = 3e-3
     c.num_epochs = 60

@@ -14,8 +14,8 @@ def get_config():
     """Returns the LeNet config."""
     c = get_base()
     c.model.name = "lenet"
-    c.model.channels = [32, 64]
-    c.model.hidden = [256]
+    c.model.channels = (32, 64)
+    c.model.hidden = (256,)
     c.quant.w_bits = 4
     c.quant.a_bits = 4
     c.sparsity.compression = 2.0

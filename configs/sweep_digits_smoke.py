@@ -19,7 +19,7 @@ def get_config():
     """Returns the digits smoke sweep config."""
     c = get_base()
     c.dataset = "digits"
-    c.model.hidden = [128, 128]
+    c.model.hidden = (128, 128)
     c.batch_size = 64
     c.learning_rate = 3e-3
     c.num_epochs = 8

@@ -20,7 +20,7 @@ from configs.base import get_base
 def get_config():
     """Returns the joint quantization x sparsity sweep config."""
     c = get_base()
-    c.model.hidden = [256, 256]
+    c.model.hidden = (256, 256)
     c.num_epochs = 8
     c.warmup_epochs = 1
     c.sparsity.prune_begin_epoch = 2

@@ -18,7 +18,7 @@ from configs.base import get_base
 def get_config():
     """Returns the precision sweep config."""
     c = get_base()
-    c.model.hidden = [256, 256]
+    c.model.hidden = (256, 256)
     c.num_epochs = 10
     c.warmup_epochs = 1
     c.sparsity.compression = 4.0

@@ -10,5 +10,5 @@ from configs.base import get_base
 def get_config():
     """Returns the wide-sparse config."""
     c = get_base()
-    c.model.hidden = [1024]
+    c.model.hidden = (1024,)
     return c

@@ -64,6 +64,66 @@ def _value_for(value, path):
     return value
 
 
+@jax.custom_batching.custom_vmap
+def any_setting(pred):
+    """``pred`` itself; under ``jax.vmap``, whether it holds for any setting of the batch.
+
+    Under ``vmap`` a ``lax.cond`` on a batched predicate becomes a ``select`` that runs both
+    branches for every setting on every step, so a sweep would redo the work a schedule skips
+    (mask recomputation, the prox) on every step. Schedule predicates depend only on step
+    counts, which the settings of a sweep share, so branching on "any setting" keeps a real
+    branch; inside it each setting still follows its own predicate (``jnp.where``), so the
+    result is exact even when the counts differ.
+
+    Args:
+      pred: boolean scalar.
+
+    Returns:
+      ``pred``, or under ``vmap`` the unbatched ``any(pred)``.
+    """
+    return pred
+
+
+@any_setting.def_vmap
+def _any_setting_vmap(axis_size, in_batched, pred):
+    del axis_size
+    return (jnp.any(pred) if in_batched[0] else pred), False
+
+
+def expand_mask(mask, param):
+    """A stored mask at the parameter's shape.
+
+    Masks are stored per block, ``(R, C)`` over the kernel's matrix view (scalar 1 for
+    parameters that are not pruned); the expansion is a broadcast that XLA fuses into the
+    elementwise op using it, so applying a mask reads no full-size mask array.
+
+    Args:
+      mask: ``(R, C)`` block mask, a scalar, or already a mask of ``param``'s shape.
+      param: the parameter (only its shape is used).
+
+    Returns:
+      A mask broadcastable against ``param`` (its shape, or a scalar).
+    """
+    if mask.ndim == 0 or mask.shape == param.shape:
+        return mask
+    rows, cols = sparsity.matrix_shape(param.shape)
+    r, c = mask.shape
+    return sparsity.expand_block_mask(mask, (rows // r, cols // c), param.shape)
+
+
+def expand_masks(masks, params):
+    """:func:`expand_mask` over a tree: params-shaped 0/1 masks (scalar 1 where not pruned).
+
+    Args:
+      masks: a stored mask tree (e.g. from :func:`find_masks`).
+      params: the parameter tree.
+
+    Returns:
+      The mask tree at the parameters' shapes.
+    """
+    return jax.tree.map(lambda m, p: jnp.broadcast_to(expand_mask(m, p), p.shape), masks, params)
+
+
 def compression_schedule(step, target, begin, end):
     """Cubic gradual-pruning schedule (Zhu & Gupta, 2017) expressed as compression.
 
@@ -101,10 +161,14 @@ def proximal_block_lasso(
 
     The returned update lands each sparsified kernel on ``prox(params + inner_update)`` with
     threshold ``strength`` (i.e. ``t * lambda``: step size times regularisation weight), so
-    weak blocks become exactly zero during training, ahead of pruning.
+    weak blocks become exactly zero during training, ahead of pruning. Only the per-block
+    shrink factors are computed in a branch (``lax.cond``, kept a real branch under ``vmap``
+    by :func:`any_setting`); once ``count >= until`` the branch is skipped and the updates
+    pass unchanged.
 
     Args:
-      strength: threshold ``t * lambda`` >= 0 (value, may be traced / vmapped).
+      strength: threshold ``t * lambda`` >= 0: a value (may be traced / vmapped) or a
+        schedule ``count -> value`` (e.g. following the learning rate).
       block_shapes: kernel path -> ``(bm, bn)``.
       until: apply only while ``count < until`` (e.g. until pruning begins); None: always.
 
@@ -122,20 +186,47 @@ def proximal_block_lasso(
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("proximal_block_lasso needs params: call update(u, s, params)")
-        active = jnp.asarray(True) if until is None else state.count < until
+        count = state.count
+        active = jnp.asarray(True) if until is None else count < until
+        threshold = strength(count) if callable(strength) else strength
+        flat_u = _by_path(updates)
+        flat_p = _by_path(params)
+
+        def factors():
+            return {
+                k: jnp.where(
+                    active, sparsity.prox_block_factor(flat_p[k] + flat_u[k], bs, threshold), 1.0
+                )
+                for k, bs in block_shapes.items()
+            }
+
+        if until is None:
+            f = factors()
+        else:
+            ones = {k: jnp.ones(_grid(flat_p[k], bs)) for k, bs in block_shapes.items()}
+            f = jax.lax.cond(any_setting(active), factors, lambda: ones)
 
         def one(kp, u, p):
             path = path_str(kp)
-            if path not in block_shapes:
+            if path not in f:
                 return u
-            new = p + u
-            shrunk = sparsity.prox_block_lasso(new, block_shapes[path], strength)
+            shrunk = ((p + u) * expand_mask(f[path].astype(p.dtype), p)).astype(p.dtype)
             return jnp.where(active, shrunk - p, u)
 
         updates = jax.tree_util.tree_map_with_path(one, updates, params)
-        return updates, ProxState(count=optax.safe_increment(state.count))
+        return updates, ProxState(count=optax.safe_increment(count))
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _by_path(tree) -> dict:
+    return {path_str(kp): x for kp, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _grid(param, block_shape) -> tuple[int, int]:
+    """``(R, C)``: blocks per column and per row of the parameter's matrix view."""
+    rows, cols = sparsity.matrix_shape(param.shape)
+    return rows // block_shape[0], cols // block_shape[1]
 
 
 class PruneState(NamedTuple):
@@ -143,7 +234,8 @@ class PruneState(NamedTuple):
 
     Attributes:
       count: step count.
-      masks: params-shaped tree of 0/1 masks; scalar 1 for parameters that are not pruned.
+      masks: params-structured tree of 0/1 block masks, ``(R, C)`` per pruned kernel (see
+        :func:`expand_mask`); scalar 1 for parameters that are not pruned.
     """
 
     count: jax.Array
@@ -152,14 +244,15 @@ class PruneState(NamedTuple):
 
 def _ones_masks(params, block_shapes):
     def one(kp, p):
-        if path_str(kp) in block_shapes:
-            return jnp.ones(p.shape, jnp.float32)
+        path = path_str(kp)
+        if path in block_shapes:
+            return jnp.ones(_grid(p, block_shapes[path]), jnp.float32)
         return jnp.ones([], jnp.float32)
 
     return jax.tree_util.tree_map_with_path(one, params)
 
 
-def compute_masks(
+def compute_block_masks(
     params,
     block_shapes: Mapping[str, tuple[int, int]],
     compression,
@@ -167,7 +260,7 @@ def compute_masks(
     balanced: bool = False,
     scope: str = "layer",
 ):
-    """Block masks for every sparsified parameter of a tree.
+    """Block masks for every sparsified parameter of a tree, one entry per block.
 
     Args:
       params: parameter tree.
@@ -178,25 +271,21 @@ def compute_masks(
         (one budget across all sparsified layers).
 
     Returns:
-      params-shaped tree of masks (scalar 1 where not sparsified).
+      params-structured tree: ``(R, C)`` 0/1 block masks, scalar 1 where not sparsified.
     """
     if scope not in ("layer", "global"):
         raise ValueError(f"scope={scope!r} is not allowed: use 'layer' or 'global'")
-    flat = {path_str(kp): p for kp, p in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = _by_path(params)
     if scope == "global":
         if isinstance(compression, Mapping):
             raise ValueError("scope='global' takes one compression value, not a mapping")
-        gm = sparsity.global_block_masks(
+        gm = sparsity.global_block_keep(
             {k: flat[k] for k in block_shapes}, block_shapes, compression
         )
     else:
         gm = {
-            k: sparsity.expand_block_mask(
-                sparsity.block_keep(
-                    sparsity.block_norms(flat[k], bs), _value_for(compression, k), balanced=balanced
-                ),
-                bs,
-                flat[k].shape,
+            k: sparsity.block_keep(
+                sparsity.block_norms(flat[k], bs), _value_for(compression, k), balanced=balanced
             )
             for k, bs in block_shapes.items()
         }
@@ -206,6 +295,23 @@ def compute_masks(
         return gm[path] if path in gm else jnp.ones([], jnp.float32)
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def compute_masks(params, block_shapes, compression, *, balanced=False, scope="layer"):
+    """:func:`compute_block_masks` at the parameters' shapes.
+
+    Args:
+      params: parameter tree.
+      block_shapes: kernel path -> ``(bm, bn)``.
+      compression: ratio (value) or mapping path -> ratio (``scope="layer"`` only).
+      balanced: equal kept blocks per block row.
+      scope: ``"layer"`` or ``"global"``.
+
+    Returns:
+      params-shaped tree of float32 0/1 masks (scalar 1 where not sparsified).
+    """
+    bm = compute_block_masks(params, block_shapes, compression, balanced=balanced, scope=scope)
+    return jax.tree.map(expand_mask, bm, params)
 
 
 def gradual_block_pruning(
@@ -221,11 +327,13 @@ def gradual_block_pruning(
     """Gradual block pruning to a target compression on the cubic schedule.
 
     On schedule steps (``begin <= count <= end`` and ``(count - begin) % frequency == 0``, and
-    always at ``end``)
-    the masks are recomputed from ``params + update`` at the scheduled compression
-    (:func:`compression_schedule`); otherwise the stored masks are reused (``lax.cond``: no
-    mask work on other steps). After ``end`` the masks are frozen. The returned update lands
-    the parameters on ``mask * (params + update)``, so pruned blocks are exactly zero.
+    always at ``end``) the masks are recomputed from the block norms of ``params`` (the
+    weights the step starts from) at the scheduled compression (:func:`compression_schedule`);
+    otherwise the stored masks are reused (``lax.cond`` on :func:`any_setting`: no mask work
+    on other steps, also under ``vmap``). After ``end`` the masks are frozen. The returned
+    update lands the parameters on ``mask * (params + update)``, so pruned blocks are exactly
+    zero. Ranking ``params`` rather than ``params + update`` keeps the full-size update out of
+    the branch's operands, so XLA can fuse the whole update into one pass.
 
     Args:
       block_shapes: kernel path -> ``(bm, bn)``.
@@ -262,20 +370,27 @@ def gradual_block_pruning(
             & (count <= end)
             & (((count - begin) % frequency == 0) | (count == end))
         )
-        new_params = jax.tree.map(lambda p, u: p + u, params, updates)
 
-        def recompute(_):
+        def recompute():
             if isinstance(compression, Mapping):
                 c_t = {
                     k: compression_schedule(count, v, begin, end) for k, v in compression.items()
                 }
             else:
                 c_t = compression_schedule(count, compression, begin, end)
-            return compute_masks(new_params, block_shapes, c_t, balanced=balanced, scope=scope)
+            new = compute_block_masks(params, block_shapes, c_t, balanced=balanced, scope=scope)
+            # Under vmap the branch runs when any setting is on schedule; each setting
+            # takes its own.
+            return jax.tree.map(lambda n, o: jnp.where(on_schedule, n, o), new, state.masks)
 
-        masks = jax.lax.cond(on_schedule, recompute, lambda _: state.masks, None)
+        # Only the (small) block masks come out of the branch; applying them is a fused
+        # elementwise op on every step.
+        masks = jax.lax.cond(any_setting(on_schedule), recompute, lambda: state.masks)
         updates = jax.tree.map(
-            lambda p, np_, m: (np_ * m).astype(p.dtype) - p, params, new_params, masks
+            lambda p, u, m: ((p + u) * expand_mask(m, p)).astype(p.dtype) - p,
+            params,
+            updates,
+            masks,
         )
         return updates, PruneState(count=optax.safe_increment(count), masks=masks)
 
@@ -295,13 +410,14 @@ class KeepMasksState(NamedTuple):
 
 
 def find_masks(state):
-    """The masks of the first :class:`PruneState` or :class:`KeepMasksState` inside ``state``.
+    """The stored masks of the first :class:`PruneState` or :class:`KeepMasksState` inside.
 
     Args:
       state: an optimizer state (any nesting of tuples, NamedTuples, dicts, lists).
 
     Returns:
-      The params-shaped mask tree, or ``None`` if there is none.
+      The mask tree as stored (``(R, C)`` block masks for pruned kernels; see
+      :func:`expand_masks` for the parameters' shapes), or ``None`` if there is none.
     """
     if isinstance(state, PruneState):
         return state.masks
@@ -319,32 +435,41 @@ def find_masks(state):
     return None
 
 
-def _zero_pruned(node, masks, treedef):
+def _zero_pruned(node, masks, params):
     """Multiplies every params-shaped subtree of an optimizer state by the masks."""
     if isinstance(node, PruneState):
         return node
-    if jax.tree.structure(node) == treedef:
-        return jax.tree.map(lambda x, m: (x * m).astype(x.dtype), node, masks)
+    if jax.tree.structure(node) == jax.tree.structure(params):
+        return jax.tree.map(
+            lambda x, m, p: (x * expand_mask(m, p)).astype(x.dtype) if x.shape == p.shape else x,
+            node,
+            masks,
+            params,
+        )
     if isinstance(node, tuple) and hasattr(node, "_fields"):
-        return type(node)(*(_zero_pruned(c, masks, treedef) for c in node))
+        return type(node)(*(_zero_pruned(c, masks, params) for c in node))
     if isinstance(node, (tuple, list)):
-        return type(node)(_zero_pruned(c, masks, treedef) for c in node)
+        return type(node)(_zero_pruned(c, masks, params) for c in node)
     if isinstance(node, dict):
-        return {k: _zero_pruned(v, masks, treedef) for k, v in node.items()}
+        return {k: _zero_pruned(v, masks, params) for k, v in node.items()}
     return node
 
 
 def keep_masks(inner: optax.GradientTransformation, masks=None) -> optax.GradientTransformation:
-    """Keeps pruned blocks exactly zero and resets the inner optimizer's moments for them.
+    """Keeps pruned blocks exactly zero and gives them no gradient and no optimizer moments.
 
-    After every inner update the parameters land on ``mask * (params + update)`` and every
-    params-shaped part of the inner state (Adam's ``mu`` and ``nu``, momentum, ...) is
-    multiplied by the mask, so a pruned weight has no stale moment to come back with.
+    Before the inner update, the gradients and every params-shaped part of the inner state
+    (Adam's ``mu`` and ``nu``, momentum, ...) are multiplied by the current masks, so a pruned
+    weight neither moves nor keeps a stale moment to come back with (pruning is monotone);
+    after it, the parameters land on ``mask * (params + update)`` with the (possibly new)
+    masks. Masking on the way in rather than on the way out lets XLA fuse it into the inner
+    update: no extra pass over the moments.
 
     Args:
       inner: the optimizer (chain) to wrap.
-      masks: fixed params-shaped 0/1 masks (fine-tuning with frozen masks), or ``None`` to
-        follow the masks of a :func:`gradual_block_pruning` inside ``inner``.
+      masks: fixed masks (params-shaped 0/1, or ``(R, C)`` block masks as in
+        :func:`expand_mask`) for fine-tuning with frozen masks, or ``None`` to follow the masks
+        of a :func:`gradual_block_pruning` inside ``inner``.
 
     Returns:
       An ``optax.GradientTransformation`` with :class:`KeepMasksState`.
@@ -356,15 +481,22 @@ def keep_masks(inner: optax.GradientTransformation, masks=None) -> optax.Gradien
             raise ValueError("keep_masks(masks=None) needs a gradual_block_pruning inside inner")
         return KeepMasksState(inner_state=inner_state, masks=masks)
 
+    def current(state):
+        return state.masks if state.masks is not None else find_masks(state.inner_state)
+
     def update_fn(updates, state, params=None):
         if params is None:
             raise ValueError("keep_masks needs params: call update(u, s, params)")
-        updates, inner_state = inner.update(updates, state.inner_state, params)
+        m = current(state)
+        updates = jax.tree.map(
+            lambda u, mk, p: (u * expand_mask(mk, p)).astype(u.dtype), updates, m, params
+        )
+        inner_in = _zero_pruned(state.inner_state, m, params)
+        updates, inner_state = inner.update(updates, inner_in, params)
         m = state.masks if state.masks is not None else find_masks(inner_state)
         updates = jax.tree.map(
-            lambda p, u, mk: ((p + u) * mk).astype(p.dtype) - p, params, updates, m
+            lambda p, u, mk: ((p + u) * expand_mask(mk, p)).astype(p.dtype) - p, params, updates, m
         )
-        inner_state = _zero_pruned(inner_state, m, jax.tree.structure(params))
         return updates, KeepMasksState(inner_state=inner_state, masks=state.masks)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -392,7 +524,7 @@ def block_sparse_chain(
       inner: the base optimizer (e.g. ``optax.adam(lr)``).
       block_shapes: kernel path -> ``(bm, bn)``.
       compression: target ratio (value or mapping path -> value).
-      prox_strength: block-lasso threshold per step (value).
+      prox_strength: block-lasso threshold per step: a value or a schedule ``count -> value``.
       begin: first pruning step.
       end: last pruning step.
       frequency: steps between mask updates.

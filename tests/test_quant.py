@@ -116,3 +116,68 @@ def test_exact_zeros_stay_zero(bits, zero_level):
     q = quantize_weight(w, bits, zero_level=zero_level, scale_mode="mean")
     assert (np.asarray(q[:8]) == 0).all()
     assert len(np.unique(np.asarray(q[8:]))) <= 2**bits
+
+
+def _ste(x, y):
+    """``y`` forward, the gradient of ``x`` backward (straight-through)."""
+    return x + jax.lax.stop_gradient(y - x)
+
+
+def _reference_weight(w, s, bits, zero_level):
+    """The quantizer written as plain differentiable jnp (what autodiff of the formula gives)."""
+    n = (2.0 ** (bits - 1) - 1.0) if zero_level else (2.0 ** (bits - 1) - 0.5)
+    x = w / s
+    xc = jnp.clip(x, -n, n)
+    multi = _ste(xc, jnp.round(xc)) if zero_level else _ste(xc, jnp.round(xc - 0.5) + 0.5)
+    b = jnp.clip(x, -1.0, 1.0)
+    codes = multi if bits > 1 else _ste(b, jnp.where(x >= 0, 1.0, -1.0))
+    q = jnp.where(w == 0, 0.0, codes) * s
+    return w if bits >= 32 else q
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 8, 32])
+@pytest.mark.parametrize("zero_level", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weight_vjp_equals_autodiff_of_the_formula(bits, zero_level, per_channel):
+    # The hand-written VJP must give the LSQ gradients of the formula for the weights and the
+    # learned step, pruned (exact zero) weights included.
+    w = W.at[:8].set(0.0)
+    step = jnp.full((48,) if per_channel else (), 0.37)
+    cot = jnp.sin(jnp.arange(w.size, dtype=jnp.float32)).reshape(w.shape)
+
+    def ours(w, st):
+        q = quantize_weight(w, bits, scale_mode="learned", step=st, zero_level=zero_level)
+        return jnp.sum(q * cot)
+
+    def ref(w, st):
+        return jnp.sum(_reference_weight(w, jnp.maximum(jnp.abs(st), 1e-8), bits, zero_level) * cot)
+
+    (v1, (gw1, gs1)), (v2, (gw2, gs2)) = (
+        jax.value_and_grad(f, argnums=(0, 1))(w, step) for f in (ours, ref)
+    )
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    np.testing.assert_allclose(gw1, gw2, atol=1e-6)
+    np.testing.assert_allclose(gs1, gs2, rtol=1e-4, atol=1e-4)
+    assert (np.asarray(gw1)[:8] == 0).all() or bits == 32  # pruned weights get no gradient
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 32])
+def test_activation_vjp_equals_autodiff_of_the_formula(bits):
+    x = 3.0 * jax.random.normal(jax.random.key(3), (32, 40))
+    cot = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
+
+    def ours(x, c):
+        return jnp.sum(quantize_activation(x, bits, c) * cot)
+
+    def ref(x, c):
+        d = c / (2.0**bits - 1.0)
+        y = jnp.clip(x, 0.0, c)
+        q = _ste(y / d, jnp.round(y / d)) * d
+        return jnp.sum((jax.nn.relu(x) if bits >= 32 else q) * cot)
+
+    (v1, (gx1, gc1)), (v2, (gx2, gc2)) = (
+        jax.value_and_grad(f, argnums=(0, 1))(x, 2.5) for f in (ours, ref)
+    )
+    np.testing.assert_allclose(v1, v2, rtol=1e-6)
+    np.testing.assert_allclose(gx1, gx2, atol=1e-6)
+    np.testing.assert_allclose(gc1, gc2, rtol=1e-4, atol=1e-4)

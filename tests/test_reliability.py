@@ -2,16 +2,14 @@
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from killing import run_to_end, run_until
 
 from configs import digits
 from experiments import common
@@ -162,31 +160,6 @@ def test_all_checkpoints_damaged_never_starts_from_scratch(tmp_path):
         train_and_evaluate(c, tmp_path)
 
 
-def _run_until(cmd, predicate, checkpoints: Path):
-    """Starts the CLI and SIGKILLs it as soon as predicate(line or None) says so."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    p = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        bufsize=1,
-    )
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(p.stdout), daemon=True)
-    reader.start()
-    while p.poll() is None:
-        if predicate("".join(lines), checkpoints):
-            os.kill(p.pid, signal.SIGKILL)
-            p.wait()
-            return "".join(lines), True
-        time.sleep(0.002)
-    reader.join(timeout=5)
-    return "".join(lines), False
-
-
 def test_sigkill_at_several_points_resumes_bit_exact(tmp_path, reference):
     ref_wd, ref = reference
     wd = tmp_path / "killed"
@@ -201,7 +174,7 @@ def test_sigkill_at_several_points_resumes_bit_exact(tmp_path, reference):
 
     kills = 0
     for pred in (after_epoch(2), during_save, after_epoch(8)):
-        _, killed = _run_until(cli(wd), pred, ckpts)
+        _, killed = run_until(cli(wd), pred, ckpts)
         kills += killed
     assert kills >= 2
     # A save cut short leaves a temporary directory behind; plant one to be sure it is ignored.
@@ -209,15 +182,7 @@ def test_sigkill_at_several_points_resumes_bit_exact(tmp_path, reference):
     fake = ckpts / f"{int(good[-1].name) + 22}.orbax-checkpoint-tmp-1234"
     shutil.copytree(good[-1], fake)
     _corrupt(fake, "truncate")
-    out = subprocess.run(
-        cli(wd),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_to_end(cli(wd))
     assert "resumed from step" in out.stdout
     import json
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from killing import run_to_end, run_until
 
 from configs import sweep_digits_smoke
 from experiments import common, sweep
@@ -40,7 +41,7 @@ def tiny_config(**over):
     chunk_size=3 makes two chunks, the second padded (1 real setting + 2 copies).
     """
     c = sweep_digits_smoke.get_config()
-    c.model.hidden = [64]
+    c.model.hidden = (64,)
     c.num_epochs = 4
     c.sparsity.prune_begin_epoch = 1
     c.sparsity.prune_end_epoch = 3
@@ -296,3 +297,53 @@ def test_chunks_round_to_devices_and_pad():
     few = sweep.make_chunks(settings[:3], chunk_size=16, num_devices=2)
     assert [c.ids for c in few] == [(0, 1, 2, 2)]  # no more padding than the devices need
     np.testing.assert_array_equal(sorted({i for c in chunks for i in c.ids}), np.arange(12))
+
+
+def _tiny_cli(workdir):
+    """The command line of tiny_config (the `mapped` fixture's sweep)."""
+    c = tiny_config()
+    flags = {
+        "model.hidden": "(64,)",
+        "num_epochs": c.num_epochs,
+        "sparsity.prune_begin_epoch": c.sparsity.prune_begin_epoch,
+        "sparsity.prune_end_epoch": c.sparsity.prune_end_epoch,
+        "checkpoint_every_epochs": 1,
+        "sweep.compression": "[4.0]",
+        "sweep.chunk_size": 3,
+        "sweep.vectorize": "map",
+    }
+    return [
+        sys.executable,
+        "-m",
+        "experiments.sweep",
+        "--config=configs/sweep_digits_smoke.py",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in flags.items()),
+    ]
+
+
+def test_sigkilled_sweep_resumes_to_same_results(mapped, tmp_path):
+    _, rows, _ = mapped
+    wd = tmp_path / "killed"
+    ckpts = wd / "checkpoints"
+
+    def saved(chunk, epochs):
+        # A chunk's checkpoints are numbered by step; wait for `epochs` of them.
+        def pred(_, ck):
+            d = ck / f"chunk_{chunk}"
+            return d.exists() and sum(p.name.isdigit() for p in d.iterdir()) >= epochs
+
+        return pred
+
+    def during_save(_, ck):
+        # An Orbax save writes into a *.orbax-checkpoint-tmp* directory, then renames it.
+        d = ck / "chunk_1"
+        return d.exists() and any("tmp" in p.name for p in d.iterdir())
+
+    kills = 0
+    for pred in (saved(0, 1), saved(0, 2), during_save):
+        _, killed = run_until(_tiny_cli(wd), pred, ckpts)
+        kills += killed
+    assert kills >= 2 and not (wd / "results.csv").exists()
+    run_to_end(_tiny_cli(wd))
+    assert comparable(sweep.read_results(wd / "results.csv")) == comparable(rows)
