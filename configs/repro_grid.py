@@ -6,7 +6,7 @@ Run:
 
 The large set of dense and sparse designs the Pareto-optimal ones are drawn from. Narrower
 and shorter than the headline runs (configs/joint.py: 784-512-512-10, 30 epochs) so that the
-60 settings fit in about 20 minutes on 2 CPU cores; the FP32 dense setting of the same grid is
+60 settings fit in about 8 minutes on 2 CPU cores; the FP32 dense setting of the same grid is
 its own baseline for "within 1 point".
 """
 

@@ -6,7 +6,7 @@ Run:
   python -m experiments.sweep --config=configs/repro_shapes.py --workdir=runs/repro/shapes
 
 See configs/sweep_shapes.py for how the budgets are matched; this part drops the 8X deep
-variant to fit the study in its time budget (about 12 minutes on 2 CPU cores).
+variant to fit the study in its time budget (about 4.5 minutes on 2 CPU cores).
 """
 
 from configs.sweep_shapes import get_config as _shapes

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the study of shared/seed/thesis-abstract.txt on Fashion-MNIST (offline, Debian
-# package), about 75 minutes on 2 CPU cores, and writes small files (CSV, JSON, PNG, Markdown)
+# package), about 25 minutes on 2 CPU cores, and writes small files (CSV, JSON, PNG, Markdown)
 # to experiments/results/, then the README's Results table (experiments/report.py).
 #
 #   bash scripts/reproduce.sh                 # every part
@@ -8,15 +8,15 @@
 #
 # Parts:
 #   anchors  experiments.train: FP32 dense and joint 2/2/4X on every layer; MLP
-#            784-512-512-10, 30 epochs (~8 min; quantization-only and sparsity-only come from
+#            784-512-512-10, 30 epochs (~3.5 min; quantization-only and sparsity-only come from
 #            the grid)
 #   levers   experiments.train: the joint setting with one lever changed each: max-abs instead
 #            of learned (LSQ) steps, fixed instead of learned (PACT) clips, no proximal block
 #            lasso, balanced blocks, 45 instead of 30 epochs, distillation from the FP32
-#            anchor (~20 min)
-#   grid     experiments.sweep configs/repro_grid.py: 60 settings w x a x compression (~20 min)
+#            anchor (~9 min)
+#   grid     experiments.sweep configs/repro_grid.py: 60 settings w x a x compression (~8 min)
 #   shapes   experiments.sweep configs/repro_shapes.py: shallow-dense vs wide- vs deep-sparse
-#            at matched kept weights (~12 min)
+#            at matched kept weights (~4.5 min)
 #   report   experiments/report.py: results table, plots, README section
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
