@@ -269,8 +269,13 @@ def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
             f" num_examples={num_examples}"
         )
     steps = num_examples // batch_size
-    perm = jax.random.permutation(key, num_examples)[: steps * batch_size]
-    return perm.reshape(steps, batch_size).astype(jnp.int32)
+    # One sort of the indices by 64 random bits each (two uint32 keys): a uniform permutation
+    # (ties have probability ~n^2 / 2^65), about 1.5x cheaper on a CPU than
+    # jax.random.permutation, whose extra sorting rounds cost ~4% of a small model's epoch.
+    bits = jax.random.bits(key, (2, num_examples))
+    index = jnp.arange(num_examples, dtype=jnp.int32)
+    perm = jax.lax.sort((bits[0], bits[1], index), num_keys=2)[2][: steps * batch_size]
+    return perm.reshape(steps, batch_size)
 
 
 def get_batch(images: jax.Array, labels: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:

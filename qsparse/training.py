@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from qsparse import optim
+from qsparse import data, optim
 from qsparse.wrap import Plan
 
 PARAMS = "params"  # the model's parameters inside the trainable tree
@@ -297,13 +297,11 @@ def make_train_epoch(
     step_fn = make_train_step(model, plan, sched, guard=guard)
 
     def epoch(state, images, labels, key, spec, teacher=None):
-        n = images.shape[0]
-        steps = n // batch_size
-        perm = jax.random.permutation(key, n)[: steps * batch_size].reshape(steps, batch_size)
+        perm = data.epoch_indices(key, images.shape[0], batch_size)
 
         def body(st, idx):
-            x = images[idx].astype(jnp.float32) / 255.0
-            batch = (x, labels[idx]) if teacher is None else (x, labels[idx], teacher[idx])
+            x, y = data.get_batch(images, labels, idx)
+            batch = (x, y) if teacher is None else (x, y, teacher[idx])
             st, m = step_fn(st, batch, spec)
             return st, m
 
@@ -344,7 +342,7 @@ def make_eval(model: nn.Module, plan: Plan, batch_size: int = 1000):
 
         def body(carry, inp):
             i, w = inp
-            x = images[i].astype(jnp.float32) / 255.0
+            x = data.normalize(images[i])
             logits = logits_fn(model, plan, params, spec, x)
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[i])
             correct = (jnp.argmax(logits, -1) == labels[i]).astype(jnp.float32)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the study of shared/seed/thesis-abstract.txt on Fashion-MNIST (offline, Debian
-# package), about 25 minutes on 2 CPU cores, and writes small files (CSV, JSON, PNG, Markdown)
+# package), about 23 minutes on 2 CPU cores, and writes small files (CSV, JSON, PNG, Markdown)
 # to experiments/results/, then the README's Results table (experiments/report.py).
 #
 #   bash scripts/reproduce.sh                 # every part
@@ -8,8 +8,8 @@
 #
 # Parts:
 #   anchors  experiments.train: FP32 dense and joint 2/2/4X on every layer; MLP
-#            784-512-512-10, 30 epochs (~3.5 min; quantization-only and sparsity-only come from
-#            the grid)
+#            784-512-512-10, 30 epochs, seeds 0, 1, 2 (~6 min; quantization-only and
+#            sparsity-only come from the grid)
 #   levers   experiments.train: the joint setting with one lever changed each: max-abs instead
 #            of learned (LSQ) steps, fixed instead of learned (PACT) clips, no proximal block
 #            lasso, balanced blocks, 45 instead of 30 epochs, distillation from the FP32
@@ -57,6 +57,10 @@ for part in "${PARTS[@]}"; do
     anchors)
       train dense_fp32 configs/dense_fp32.py "$OUT/anchors"
       train joint configs/joint.py "$OUT/anchors"
+      for seed in 1 2; do  # the gap over initializations and data orders, not one draw
+        train "dense_fp32_seed$seed" configs/dense_fp32.py "$OUT/anchors" --config.seed=$seed
+        train "joint_seed$seed" configs/joint.py "$OUT/anchors" --config.seed=$seed
+      done
       ;;
     levers)
       train max_scale configs/joint.py "$OUT/levers" --config.quant.scale_mode=max
