@@ -62,12 +62,12 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
         config.model.name,
         f"use one of {models.MODELS}",
     )
-    hidden = list(config.model.hidden)
+    hidden = tuple(config.model.hidden)
     _check(
         all(isinstance(h, int) and h > 0 for h in hidden),
         "model.hidden",
         hidden,
-        "use a list of positive integers",
+        "use positive integers, e.g. --config.model.hidden='(512, 512)'",
     )
     _check(_bits_ok(config.quant.w_bits), "quant.w_bits", config.quant.w_bits, bits)
     _check(_bits_ok(config.quant.a_bits), "quant.a_bits", config.quant.a_bits, bits)

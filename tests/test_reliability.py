@@ -73,6 +73,7 @@ BAD = [
     ("--config.sparsity.compression=0.5", "sparsity.compression=0.5"),
     ("--config.sparsity.block_shape=(7,7)", "sparsity.block_shape=(7, 7)"),
     ("--config.dataset=mnits", "dataset='mnits'"),
+    ("--config.model.hidden=(0,)", "model.hidden=(0,)"),
     ("--config.idx_dir=/no/such/dir", "idx_dir='/no/such/dir'"),
     ("--config.learning_rate=0", "learning_rate=0"),
     ("--config.batch_size=5000", "batch_size=5000"),
