@@ -137,20 +137,21 @@ def make_optimizer(plan: Plan, sched: Schedule, spec) -> optax.GradientTransform
       An ``optax.GradientTransformation`` over ``{"params", "quant"}`` trees.
     """
     lr = lr_schedule(spec, sched)
-    if sched.weight_decay:
-        inner = optax.adamw(lr, weight_decay=sched.weight_decay, mask=_kernels_only)
-    else:
-        inner = optax.adam(lr)
     shapes = plan.block_shapes((PARAMS,))
     if not shapes:
-        return inner
-    # The prox threshold is t * lambda with t the current step size (proximal gradient); the
-    # prox counts steps itself, and its count equals the optimizer step.
+        if sched.weight_decay:
+            return optax.adamw(lr, weight_decay=sched.weight_decay, mask=_kernels_only)
+        return optax.adam(lr)
+    # The prox threshold is t * lambda with t the current step size (proximal gradient). The
+    # fused transform is block_sparse_chain around Adam(W), the same algorithm in fewer
+    # passes over the weights (see its docstring).
     lam = spec["prox_strength"]
-    return optim.block_sparse_chain(
-        inner,
+    return optim.block_sparse_adam(
+        lr,
         shapes,
         plan.compressions(spec["layers"], (PARAMS,)),
+        weight_decay=sched.weight_decay,
+        decay_mask=_kernels_only,
         prox_strength=lambda count: lr(count) * lam,
         begin=sched.prune_begin,
         end=sched.prune_end,

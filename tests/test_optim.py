@@ -197,3 +197,68 @@ def test_vmapped_pruning_follows_each_settings_own_count():
             np.testing.assert_array_equal(a[i], b)
     kept = np.asarray(s_v.masks["a"]["kernel"]).reshape(3, -1).sum(1)
     assert kept[1] == 8 and kept[0] < 8 and kept[2] == 2  # the off-schedule setting kept all
+
+
+def _kernels(tree):
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, _: optim.path_str(kp).endswith("kernel"), tree
+    )
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_fused_adam_equals_the_chain_through_all_phases(weight_decay):
+    # block_sparse_adam is block_sparse_chain around Adam(W) fused for speed: same prox (strong
+    # enough here to zero blocks before pruning), same masks, same moments, same weights.
+    def lr(count):
+        return 3e-2 * (1.0 - count / 40.0)
+
+    kw = dict(prox_strength=lambda c: lr(c) * 20.0, begin=8, end=20, frequency=4)
+    if weight_decay:
+        inner = optax.adamw(lr, weight_decay=weight_decay, mask=_kernels)
+    else:
+        inner = optax.adam(lr)
+    chain = optim.block_sparse_chain(inner, SHAPES, 4.0, **kw)
+    fused = optim.block_sparse_adam(
+        lr, SHAPES, 4.0, weight_decay=weight_decay, decay_mask=_kernels, **kw
+    )
+    p_c, s_c = run(chain, 8)
+    assert (block_norms(p_c["a"]["kernel"], (4, 4)) == 0).any()  # the prox zeroed blocks
+    for steps in (8, 30):
+        p_c, s_c = run(chain, steps)
+        p_f, s_f = run(fused, steps)
+        for a, b in zip(jax.tree.leaves(p_c), jax.tree.leaves(p_f)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        for a, b in zip(jax.tree.leaves(optim.find_masks(s_c)), jax.tree.leaves(s_f.prune.masks)):
+            np.testing.assert_array_equal(a, b)
+        adam_c = s_c.inner_state[0][0]
+        for name in ("mu", "nu"):
+            for a, b in zip(
+                jax.tree.leaves(getattr(adam_c, name)), jax.tree.leaves(getattr(s_f.adam, name))
+            ):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+    assert float(s_f.prune.masks["a"]["kernel"].mean()) == pytest.approx(0.25)
+
+
+def test_fused_adam_prox_branch_skipped_after_begin_and_under_vmap():
+    # Off the prox phase the branch returns ones: a huge strength changes nothing then.
+    def final(strength, steps):
+        tx = optim.block_sparse_adam(
+            1e-2, SHAPES, 2.0, prox_strength=strength, begin=3, end=6, frequency=3
+        )
+        return run(tx, steps)[0]["a"]["kernel"]
+
+    weak, strong = final(0.0, 3), final(100.0, 3)
+    assert (np.asarray(strong) == 0).all() and not (np.asarray(weak) == 0).all()
+
+    def from_step(strength):
+        tx = optim.block_sparse_adam(
+            1e-2, SHAPES, 2.0, prox_strength=strength, begin=0, end=0, frequency=1
+        )
+        params = make_params()
+        u, _ = tx.update(jax.grad(loss)(params, X), tx.init(params), params)
+        return optax.apply_updates(params, u)["a"]["kernel"]
+
+    ks = jax.jit(jax.vmap(from_step))(jnp.array([0.0, 100.0]))
+    np.testing.assert_array_equal(ks[0], ks[1])  # begin=0: no prox step at all
+    with pytest.raises(ValueError, match="begin"):
+        optim.block_sparse_adam(1e-2, SHAPES, 2.0, begin=5, end=1)
