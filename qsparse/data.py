@@ -269,13 +269,54 @@ def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
             f" num_examples={num_examples}"
         )
     steps = num_examples // batch_size
-    # One sort of the indices by 64 random bits each (two uint32 keys): a uniform permutation
-    # (ties have probability ~n^2 / 2^65), about 1.5x cheaper on a CPU than
-    # jax.random.permutation, whose extra sorting rounds cost ~4% of a small model's epoch.
-    bits = jax.random.bits(key, (2, num_examples))
-    index = jnp.arange(num_examples, dtype=jnp.int32)
-    perm = jax.lax.sort((bits[0], bits[1], index), num_keys=2)[2][: steps * batch_size]
+    perm = index_permutation(key, num_examples)[: steps * batch_size]
     return perm.reshape(steps, batch_size)
+
+
+_ROUNDS = 16
+
+
+def _mix32(x: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finalizer: a fast avalanche hash of uint32 values."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def index_permutation(key: jax.Array, n: int) -> jax.Array:
+    """A pseudo-random permutation of ``0 .. n-1`` without sorting.
+
+    Each index is encrypted by a keyed Feistel network on the smallest ``2**(2h) >= n``
+    (16 rounds of a MurmurHash3-finalizer round function, round keys drawn from ``key``)
+    and cycle-walked back into range, the construction of TensorFlow's
+    ``random_index_shuffle`` and Grain's global shuffle. It is O(n) elementwise work: about
+    1 ms for 60,000 indices on a CPU, where a sort by random keys takes 16 ms, 5% of a small
+    model's epoch.
+
+    Args:
+      key: a `jax.random.key`; the same key gives the same permutation.
+      n: number of indices (static), >= 1.
+
+    Returns:
+      int32 array of shape `(n,)` holding every index once.
+    """
+    half = max(1, ((n - 1).bit_length() + 1) // 2)
+    low = jnp.uint32((1 << half) - 1)
+    round_keys = jax.random.bits(key, (_ROUNDS,), jnp.uint32)
+
+    def encrypt(x):
+        left, right = x >> half, x & low
+        for r in range(_ROUNDS):
+            left, right = right, left ^ (_mix32(right ^ round_keys[r]) & low)
+        return (left << half) | right
+
+    # A bijection of [0, 4**half) restricted to [0, n): re-encrypt until in range. Less than
+    # 3/4 of the domain lies out of range (8% for n = 60,000), so a few passes finish.
+    y = encrypt(jnp.arange(n, dtype=jnp.uint32))
+    y = jax.lax.while_loop(lambda y: jnp.any(y >= n), lambda y: jnp.where(y >= n, encrypt(y), y), y)
+    return y.astype(jnp.int32)
 
 
 def get_batch(images: jax.Array, labels: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -171,6 +171,24 @@ def test_epoch_indices_permutation_and_determinism():
         data.epoch_indices(jax.random.key(0), 103, 200)
 
 
+def test_index_permutation_is_a_uniform_looking_permutation():
+    for n in (1, 2, 3, 10, 103, 1797, 65537):
+        p = np.asarray(data.index_permutation(jax.random.key(n), n))
+        np.testing.assert_array_equal(np.sort(p), np.arange(n))
+    # Over many keys, every element is equally likely at every position, and each pair is as
+    # likely in one order as in the other (a rotation or a fixed shuffle fails both).
+    keys = jax.random.split(jax.random.key(0), 4000)
+    perms = np.asarray(jax.jit(jax.vmap(lambda k: data.index_permutation(k, 8)))(keys))
+    counts = np.stack([np.bincount(perms[:, pos], minlength=8) for pos in range(8)])
+    chi2 = float(((counts - 500.0) ** 2 / 500.0).sum())
+    assert chi2 < 49 + 6 * np.sqrt(2 * 49), chi2  # 49 degrees of freedom
+    where = np.argsort(perms, axis=1)
+    before = [(where[:, a] < where[:, b]).mean() for a in range(8) for b in range(a + 1, 8)]
+    assert 0.45 < min(before) and max(before) < 0.55
+    big = np.asarray(data.index_permutation(jax.random.key(3), 60000))
+    assert abs(np.corrcoef(big, np.arange(60000))[0, 1]) < 0.02
+
+
 def test_eval_batches_cover_each_example_once():
     idx, mask = data.eval_batches(23, 5)
     assert idx.shape == mask.shape == (5, 5)
