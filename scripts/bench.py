@@ -35,7 +35,7 @@ accessed, flops) is printed too: it does not depend on load, and on a memory-bou
 where the joint step's extra time comes from.
 
 ``--only steps,sweep,input,guard`` runs a subset; on 2 quiet CPU cores ``--quick`` takes about
-1 minute and the full run about 2 (more on a loaded machine); ``--gpu`` sizes the scans for an
+1 minute and the full run about 3.5 (more on a loaded machine); ``--gpu`` sizes the scans for an
 accelerator.
 """
 
@@ -108,16 +108,18 @@ class Sizes:
 
 
 SIZES = {
+    # Rounds enough for medians that hold still on a shared 2-core VM, where a single round of
+    # the sweep or guard comparison varies by +-5%.
     "full": Sizes(
-        reps=7,
+        reps=9,
         step_batches=(128, 1024),
         steps={128: 20, 1024: 4},
         matmul_chain=3,
         sweep_steps=100,
-        sweep_reps=5,
+        sweep_reps=11,
         sweep_map=True,
         input_examples=None,
-        input_reps=5,
+        input_reps=9,
     ),
     "quick": Sizes(
         reps=3,
