@@ -427,7 +427,7 @@ class KeepMasksState(NamedTuple):
 
 
 def find_masks(state):
-    """The stored masks of the first :class:`PruneState` or :class:`KeepMasksState` inside.
+    """The stored masks of the first pruning, keep-masks or fused-Adam state inside.
 
     Args:
       state: an optimizer state (any nesting of tuples, NamedTuples, dicts, lists).
@@ -436,7 +436,7 @@ def find_masks(state):
       The mask tree as stored (``(R, C)`` block masks for pruned kernels; see
       :func:`expand_masks` for the parameters' shapes), or ``None`` if there is none.
     """
-    if isinstance(state, PruneState):
+    if isinstance(state, (PruneState, BlockSparseAdamState)):
         return state.masks
     if isinstance(state, KeepMasksState):
         return state.masks if state.masks is not None else find_masks(state.inner_state)
@@ -584,12 +584,12 @@ class BlockSparseAdamState(NamedTuple):
     """State of :func:`block_sparse_adam`: Adam's moments and the pruning masks.
 
     Attributes:
-      adam: ``optax.ScaleByAdamState`` (count, ``mu``, ``nu``).
-      prune: :class:`PruneState` (count and the ``(R, C)`` block masks).
+      adam: ``optax.ScaleByAdamState``; its count is the step count of the whole schedule.
+      masks: params-structured ``(R, C)`` block masks, as in :class:`PruneState`.
     """
 
     adam: optax.ScaleByAdamState
-    prune: PruneState
+    masks: Any
 
 
 def block_sparse_adam(
@@ -652,15 +652,13 @@ def block_sparse_adam(
             mu=jax.tree.map(jnp.zeros_like, params),
             nu=jax.tree.map(jnp.zeros_like, params),
         )
-        return BlockSparseAdamState(
-            adam=adam, prune=PruneState(count=count, masks=_ones_masks(params, block_shapes))
-        )
+        return BlockSparseAdamState(adam=adam, masks=_ones_masks(params, block_shapes))
 
     def update_fn(grads, state, params=None):
         if params is None:
             raise ValueError("block_sparse_adam needs params: call update(g, s, params)")
         count = state.adam.count
-        masks = state.prune.masks
+        masks = state.masks
 
         # Masked on the way in (as keep_masks does): pruned weights get no gradient and keep
         # no stale moment, and the masking fuses into the moment updates.
@@ -727,7 +725,6 @@ def block_sparse_adam(
 
         updates = jax.tree_util.tree_map_with_path(one, params, mu, nu, new_masks)
         adam = optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
-        prune = PruneState(count=optax.safe_increment(state.prune.count), masks=new_masks)
-        return updates, BlockSparseAdamState(adam=adam, prune=prune)
+        return updates, BlockSparseAdamState(adam=adam, masks=new_masks)
 
     return optax.GradientTransformation(init_fn, update_fn)

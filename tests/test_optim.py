@@ -228,7 +228,7 @@ def test_fused_adam_equals_the_chain_through_all_phases(weight_decay):
         p_f, s_f = run(fused, steps)
         for a, b in zip(jax.tree.leaves(p_c), jax.tree.leaves(p_f)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-        for a, b in zip(jax.tree.leaves(optim.find_masks(s_c)), jax.tree.leaves(s_f.prune.masks)):
+        for a, b in zip(jax.tree.leaves(optim.find_masks(s_c)), jax.tree.leaves(s_f.masks)):
             np.testing.assert_array_equal(a, b)
         adam_c = s_c.inner_state[0][0]
         for name in ("mu", "nu"):
@@ -236,7 +236,7 @@ def test_fused_adam_equals_the_chain_through_all_phases(weight_decay):
                 jax.tree.leaves(getattr(adam_c, name)), jax.tree.leaves(getattr(s_f.adam, name))
             ):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
-    assert float(s_f.prune.masks["a"]["kernel"].mean()) == pytest.approx(0.25)
+    assert float(s_f.masks["a"]["kernel"].mean()) == pytest.approx(0.25)
 
 
 def test_fused_adam_prox_branch_skipped_after_begin_and_under_vmap():
