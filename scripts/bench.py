@@ -555,7 +555,22 @@ def bench_input(sz: Sizes) -> dict:
         "constant": lambda: const(state, fixed, spec),
     }
     t = race(programs, sz.input_reps, tag="input/")
+    # The shuffle alone: qsparse's Feistel permutation against a sort of the indices by 64
+    # random bits (two uint32 keys), the uniform-permutation-by-sorting it replaced.
+    feistel = jax.jit(lambda k: qdata.epoch_indices(k, n, batch))
+
+    @jax.jit
+    def by_sort(k):
+        bits = jax.random.bits(k, (2, n))
+        return jax.lax.sort((bits[0], bits[1], jnp.arange(n, dtype=jnp.int32)), num_keys=2)[2]
+
+    shuffles = race(
+        {"feistel": lambda: feistel(next(keys)), "sort": lambda: by_sort(next(keys))},
+        sz.input_reps,
+        tag="input/shuffle ",
+    )
     return {
+        "shuffle_ms": {k: 1e3 * med(v) for k, v in shuffles.items()},
         "dataset": ds.name,
         "examples": n,
         "steps": steps,
@@ -745,6 +760,11 @@ def report(res: dict) -> list[dict]:
             f"   epoch {ip['epoch_s']:.2f} s | constant batch {ip['constant_s']:.2f} s"
             f" | ratio {ip['ratio']:.3f} (best-of {ip['ratio_best']:.3f})"
             + (f"  NOTE: {ip['note']}" if ip["note"] else "")
+        )
+        sh = ip["shuffle_ms"]
+        print(
+            f"   shuffle per epoch: Feistel permutation {sh['feistel']:.2f} ms"
+            f" | sort by random keys {sh['sort']:.2f} ms"
         )
         targets.append(
             {"name": "input: constant-batch time / epoch time", "value": ip["ratio"]}
