@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qsparse.reductions import tree_sum
+
 FULL_PRECISION = 32
 SCALE_MODES = ("max", "mean", "learned")
 
@@ -243,10 +245,17 @@ def _fake_quant_bwd(zero_level, res, g):
     codes, inside = _codes(x, bits, zero_level)
     full = bits >= FULL_PRECISION
     live = (w != 0) & ~full
-    dw = jnp.where(full | (live & inside), g, 0.0).astype(w.dtype)
     ds = jnp.where(live, g * (codes - jnp.where(inside, x, 0.0)), 0.0)
-    # s is a scalar or one step per output channel (last axis): sum over the rest.
-    ds = jnp.sum(ds, axis=tuple(range(w.ndim - s.ndim))).reshape(s.shape).astype(s.dtype)
+    # s is a scalar or one step per output channel (last axis): sum over the rest. The rows
+    # go by a tree of slice additions, fused with the product above into one loop (a reduce
+    # op would write the full-size product out and read it back; see qsparse.reductions).
+    ds = tree_sum(ds.reshape(-1, w.shape[-1]), 0)
+    ds = (ds if s.ndim else jnp.sum(ds)).reshape(s.shape).astype(s.dtype)
+    # dw times exactly 1, but computed from ds: whatever consumes dw (the optimizer's update
+    # of w) now runs after the pass above, the last read of w. Without that order XLA must
+    # copy w on every step of a training loop before it may update it in place.
+    after_ds = 1.0 + 0.0 * ds
+    dw = (jnp.where(full | (live & inside), g, 0.0) * after_ds).astype(w.dtype)
     return dw, ds, jnp.zeros_like(bits)
 
 

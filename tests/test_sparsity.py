@@ -5,12 +5,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qsparse.reductions import tree_sum
 from qsparse.sparsity import (
     block_mask,
     block_norms,
     block_sparsity,
     global_block_masks,
     prox_block_lasso,
+    top_k_keep,
 )
 
 W = jax.random.normal(jax.random.key(0), (64, 48))  # 8 x 6 = 48 blocks of 8x8
@@ -18,6 +20,57 @@ W = jax.random.normal(jax.random.key(0), (64, 48))  # 8 x 6 = 48 blocks of 8x8
 
 def kept(mask, bs=(8, 8)):
     return np.asarray(block_norms(mask, bs) > 0)
+
+
+def _stable_rank_keep(s, k):
+    """Reference: rank by a stable descending sort, keep ranks below k."""
+    rank = np.argsort(np.argsort(-s, axis=-1, kind="stable"), axis=-1, kind="stable")
+    return rank < k
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "tiny"])
+def test_top_k_keep_is_the_stable_sort_set(kind):
+    rng = np.random.RandomState(7)
+    for _ in range(40):
+        n = int(rng.randint(1, 300))
+        s = rng.randn(4, n).astype(np.float32)
+        if kind == "ties":  # few distinct values: the index order decides
+            s = np.round(s * 2).astype(np.float32)
+        elif kind == "zeros":  # pruned blocks: many exact zeros, both signs of zero
+            s = np.abs(s)
+            s[:, ::3] = 0.0
+            s[:, 1::7] = -0.0
+        elif kind == "tiny":  # tiny and negative values keep their order (XLA:CPU treats
+            s = (s * 1e-30).astype(np.float32)  # subnormals as zero, so not those)
+        k = int(rng.randint(0, n + 1))
+        got = np.asarray(jax.jit(top_k_keep)(jnp.asarray(s), k))
+        np.testing.assert_array_equal(got, _stable_rank_keep(s, k), err_msg=f"n={n} k={k}")
+
+
+def test_top_k_keep_nan_ranks_last_and_k_traced():
+    s = jnp.array([0.5, jnp.nan, 2.0, 1.0])
+    keep = jax.vmap(lambda k: top_k_keep(s, k))(jnp.arange(5))
+    assert np.asarray(keep).tolist() == [
+        [False, False, False, False],
+        [False, False, True, False],
+        [False, False, True, True],
+        [True, False, True, True],
+        [True, True, True, True],
+    ]
+
+
+@pytest.mark.parametrize("shape,axis", [((7, 5), 0), ((3, 13, 4), 1), ((6, 11), 1), ((1, 3), 0)])
+def test_tree_sum_equals_sum(shape, axis):
+    x = jax.random.normal(jax.random.key(4), shape)
+    got = tree_sum(x, axis)
+    assert got.shape == np.sum(np.asarray(x), axis).shape
+    np.testing.assert_allclose(got, np.sum(np.asarray(x, np.float64), axis), rtol=1e-5, atol=1e-6)
+
+
+def test_block_norms_match_numpy():
+    w = np.random.RandomState(3).randn(21, 35).astype(np.float32)
+    ref = np.sqrt((w.astype(np.float64).reshape(3, 7, 7, 5) ** 2).sum(axis=(1, 3)))
+    np.testing.assert_allclose(block_norms(jnp.asarray(w), (7, 5)), ref, rtol=1e-6)
 
 
 def test_vmap_over_compression_exact_counts():

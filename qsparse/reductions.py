@@ -1,0 +1,42 @@
+"""Sums that XLA:CPU runs as fused elementwise loops instead of reduce operations.
+
+XLA:CPU hands a reduce op to YNNPACK, which cannot fuse the elementwise expression that
+produces its input: that expression is written to memory in full and read back, and a
+reduction over a middle axis (the rows of a block) runs slowly there. A sum written as a
+tree of slice additions is elementwise, so XLA fuses it with its producer into one loop.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def tree_sum(x, axis: int):
+    """Sum over ``axis`` by pairwise additions of its two halves (a tree in that axis).
+
+    The result equals ``jnp.sum(x, axis)`` up to float rounding (the order is pairwise).
+    Best for summing out a leading or middle axis; a tiny last axis sums fine this way too.
+
+    Args:
+      x: array.
+      axis: axis to sum out (non-negative).
+
+    Returns:
+      ``x`` summed over ``axis`` (that axis removed).
+    """
+    while x.shape[axis] > 1:
+        k = x.shape[axis]
+        half = k // 2
+        lo = jax.lax.slice_in_dim(x, 0, half, axis=axis)
+        hi = jax.lax.slice_in_dim(x, half, 2 * half, axis=axis)
+        pair = lo + hi
+        if k % 2:
+            # The odd one out joins the first slot; the rest stay pairwise.
+            last = jax.lax.slice_in_dim(x, k - 1, k, axis=axis)
+            first = jax.lax.slice_in_dim(pair, 0, 1, axis=axis) + last
+            pair = jax.lax.concatenate(
+                [first, jax.lax.slice_in_dim(pair, 1, half, axis=axis)], axis
+            )
+        x = pair
+    return jnp.squeeze(x, axis)
