@@ -187,7 +187,8 @@ def top_k_keep(scores, k):
     above = keys > kth
     tied = keys == kth
     room = k - jnp.sum(above, axis=-1, keepdims=True, dtype=jnp.int32)
-    return (above | (tied & (jnp.cumsum(tied, axis=-1, dtype=jnp.int32) <= room))) & (k > 0)
+    # k = 0 leaves kth at the all-ones key, above no key, with room 0: nothing is kept.
+    return above | (tied & (jnp.cumsum(tied, axis=-1, dtype=jnp.int32) <= room))
 
 
 def block_keep(norms, compression, *, balanced: bool = False):

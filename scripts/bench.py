@@ -35,7 +35,7 @@ accessed, flops) is printed too: it does not depend on load, and on a memory-bou
 where the joint step's extra time comes from.
 
 ``--only steps,sweep,input,guard`` runs a subset; on 2 quiet CPU cores ``--quick`` takes about
-1 minute and the full run about 3.5 (more on a loaded machine); ``--gpu`` sizes the scans for an
+1 minute and the full run about 3 (more on a loaded machine); ``--gpu`` sizes the scans for an
 accelerator.
 """
 
