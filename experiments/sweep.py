@@ -16,16 +16,17 @@ spec, so their specs and train states are stacked on a leading axis and one comp
 (``jax.vmap`` of :func:`qsparse.training.make_train_epoch`) trains a whole chunk of them. Large
 groups run in chunks of ``sweep.chunk_size`` (the last chunk padded by repeating a setting,
 so every chunk of a shape has the same shape and reuses the one compilation). The setting
-axis is sharded over the available devices (``Mesh`` axis ``"settings"``); the data is
+axis is split over the available devices (``Mesh`` axis ``"settings"``,
+:func:`qsparse.training.over_settings`: each device runs its own settings); the data is
 replicated.
 
 Each setting starts from what ``experiments.train`` would use for it alone (the same
 ``common.make_spec``, ``common.init_state`` with its seed, ``common.epoch_key`` per epoch) and
 shares its schedule (epochs, phase boundaries) with the rest of the sweep.
 
-``sweep.vectorize`` picks how a chunk is batched: ``"vmap"`` (default) vectorises the
-settings (one program, batched matmuls; what pays on accelerators), ``"map"`` runs them one
-after another inside each device's program (``lax.map`` under ``shard_map``), which gives
+``sweep.vectorize`` picks how a device's settings are batched: ``"vmap"`` (default)
+vectorises them (batched matmuls; what pays on accelerators), ``"map"`` runs them one
+after another inside each device's program (``lax.map``), which gives
 bit-for-bit the numbers of separate ``experiments.train`` runs. Why both: XLA sums a batched
 reduction in another order than an unbatched one, so under ``vmap`` the gradients differ from a
 lone run's in the last bit; a k-bit quantizer turns such a difference into a different code
@@ -497,37 +498,10 @@ def make_program(run, shape, mesh, vectorize: str) -> Program:
     c = run.config
     epoch = training.make_train_epoch(run.model, run.plan, run.sched, c.batch_size)
     evaluate = training.make_eval(run.model, run.plan, c.eval_batch_size)
-    per, rep = P("settings"), P()
-
-    if vectorize == "vmap":
-        batched_epoch = jax.vmap(epoch, in_axes=(0, None, None, 0, 0))
-        batched_eval = jax.vmap(evaluate, in_axes=(0, 0, None, None))
-    else:
-        # Each device loops over its own settings with the unbatched program, so a setting's
-        # numbers are those of a lone run (see the module docstring).
-        def local_epoch(states, images, labels, keys, specs):
-            def one(args):
-                st, key, spec = args
-                return epoch(st, images, labels, key, spec)
-
-            return jax.lax.map(one, (states, keys, specs))
-
-        def local_eval(params, specs, images, labels):
-            return jax.lax.map(lambda a: evaluate(a[0], a[1], images, labels), (params, specs))
-
-        # check_vma=False: the optimizer's lax.cond branches mix per-setting and constant
-        # values, which the varying-axis type check rejects although each device's loop
-        # only ever touches its own settings.
-        batched_epoch = jax.shard_map(
-            local_epoch,
-            mesh=mesh,
-            in_specs=(per, rep, rep, per, per),
-            out_specs=per,
-            check_vma=False,
-        )
-        batched_eval = jax.shard_map(
-            local_eval, mesh=mesh, in_specs=(per, per, rep, rep), out_specs=per, check_vma=False
-        )
+    # The settings axis is split over the devices; each runs its own settings (see
+    # training.over_settings), batched by vmap or one after another by lax.map.
+    batched_epoch = training.over_settings(epoch, mesh, (True, False, False, True, True), vectorize)
+    batched_eval = training.over_settings(evaluate, mesh, (True, True, False, False), vectorize)
 
     def epoch_fn(states, images, labels, keys, specs):
         TRACES[("epoch", shape)] += 1
@@ -537,7 +511,7 @@ def make_program(run, shape, mesh, vectorize: str) -> Program:
         TRACES[("eval", shape)] += 1
         return batched_eval(params, specs, images, labels)
 
-    s, r = NamedSharding(mesh, per), NamedSharding(mesh, rep)
+    s, r = NamedSharding(mesh, P("settings")), NamedSharding(mesh, P())
     return Program(
         epoch=jax.jit(epoch_fn, in_shardings=(s, r, r, s, s), out_shardings=s),
         evaluate=jax.jit(eval_fn, in_shardings=(s, s, r, r), out_shardings=s),

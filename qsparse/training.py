@@ -13,6 +13,7 @@ The spec is ``{"layers": plan spec, "learning_rate": f32, "prox_strength": f32}`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -320,6 +321,56 @@ def make_train_epoch(
         return state, out
 
     return epoch
+
+
+def over_settings(fn, mesh, batched: Sequence[bool], vectorize: str = "vmap"):
+    """``fn`` over a leading settings axis, each device of ``mesh`` taking its own settings.
+
+    The batched arguments are split over the mesh axis ``"settings"`` and the others
+    replicated (``jax.shard_map``); each device runs its slice with ``jax.vmap`` of ``fn``
+    (one batched program) or ``lax.map`` (one setting after another: the numbers of lone
+    runs). Inside a device the schedule branches (:func:`qsparse.optim.any_setting`) look at
+    that device's settings only, so no step waits on a cross-device reduction, as it would
+    under ``jax.jit`` sharding of one global ``vmap``. On a CPU host with one device per core
+    (``--xla_force_host_platform_device_count``) this runs independent settings on each core.
+
+    Args:
+      fn: the per-setting function; every output gets the settings axis.
+      mesh: a ``jax.sharding.Mesh`` with a ``"settings"`` axis.
+      batched: per positional argument, whether it carries the settings axis.
+      vectorize: ``"vmap"`` or ``"map"``.
+
+    Returns:
+      The batched function (wrap it in ``jax.jit``); the settings count must divide evenly
+      between the devices.
+    """
+    from jax.sharding import PartitionSpec as P
+
+    if vectorize == "vmap":
+        local = jax.vmap(fn, in_axes=tuple(0 if b else None for b in batched))
+    elif vectorize == "map":
+        at = [i for i, b in enumerate(batched) if b]
+
+        def local(*args):
+            def one(xs):
+                full = list(args)
+                for i, x in zip(at, xs):
+                    full[i] = x
+                return fn(*full)
+
+            return jax.lax.map(one, tuple(args[i] for i in at))
+    else:
+        raise ValueError(f"vectorize={vectorize!r}: expected 'vmap' or 'map'")
+    # check_vma=False: the optimizer's lax.cond branches mix per-setting and constant values,
+    # which the varying-axis type check rejects although each device's program only ever
+    # touches its own settings.
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=tuple(P("settings") if b else P() for b in batched),
+        out_specs=P("settings"),
+        check_vma=False,
+    )
 
 
 def make_eval(model: nn.Module, plan: Plan, batch_size: int = 1000):

@@ -2,7 +2,7 @@ r"""Benchmark of qsparse's training paths, each figure a ratio of two programs t
 
     python scripts/bench.py [--quick | --gpu] [--out bench.json]
 
-What it measures (all in one process, on the default JAX device):
+What it measures (all in one process; single-setting programs on the default JAX device):
 
 1. **Step-time ratio**: qsparse's joint training step (2-bit weights and activations, 4X blocks
    on every layer, learned LSQ steps and PACT clips, proximal step and masks on) over a plain
@@ -16,7 +16,11 @@ What it measures (all in one process, on the default JAX device):
 3. **Sweep throughput**: 8 settings (w_bits, a_bits, compression) of MLP 784-256-256-10 trained
    in one ``jax.vmap``-ed program over a stacked spec and stacked states, against the same 8
    run one after another through the one compiled single-setting program; the same ratio for
-   plain Flax + optax FP32 training of that MLP is printed beside it as a reference.
+   plain Flax + optax FP32 training of that MLP is printed beside it as a reference. As
+   ``experiments.sweep`` does, the vmapped program splits the settings over the devices
+   (:func:`qsparse.training.over_settings`); on a CPU this script makes one JAX device per core
+   (``--xla_force_host_platform_device_count``), so each core trains its own settings while a
+   single-setting program spreads each op over the cores.
 4. **Input pipeline**: one epoch of Fashion-MNIST through ``training.make_train_epoch``
    (device-resident uint8 data, per-epoch shuffle, gather + normalize per step) against the same
    number of steps on one constant device-resident batch.
@@ -52,12 +56,24 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# A sweep splits its settings over the devices (training.over_settings); on a CPU host, one
+# JAX device per core lets each core train its own settings (a single-device program still
+# uses every core through XLA's intra-op threads, so sections 1, 2 and 4 are unaffected: checked
+# by timing the plain step with and without the flag). Must be set before JAX starts.
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
+    ).strip()
+
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qsparse import data as qdata
 from qsparse import optim, training, wrap
@@ -318,6 +334,13 @@ def scan_steps(step: Callable, n: int) -> Callable:
     return jax.jit(run)
 
 
+def settings_mesh(n: int) -> Mesh:
+    """A ``"settings"`` mesh over as many devices as share ``n`` settings evenly."""
+    devices = jax.devices()
+    d = max(k for k in range(1, min(n, len(devices)) + 1) if n % k == 0)
+    return Mesh(np.array(devices[:d]), ("settings",))
+
+
 def synthetic_batch(batch: int, seed: int = 1):
     """A device-resident float batch of 28x28x1 images and labels."""
     kx, ky = jax.random.split(jax.random.key(seed))
@@ -472,13 +495,23 @@ def bench_sweep(sz: Sizes) -> dict:
         return jax.lax.scan(lambda st, _: step(st, batch_, spec), state, None, length=s)[0]
 
     one = jax.jit(run)
-    # The data batch is shared by all settings (in_axes None), as a sweep's data is.
-    vmapped = jax.jit(jax.vmap(run, in_axes=(0, None, 0)))
-    stacked_specs = wrap.stack_specs(specs)
-    stacked_states = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    # Diagnostic: one program that runs the settings one after another (lax.map): what a
-    # sweep can do on a CPU, where vmap does not pay.
-    mapped = jax.jit(lambda sts, b, sps: jax.lax.map(lambda a: run(a[0], b, a[1]), (sts, sps)))
+    # One vmapped program over the settings, split over the devices (one per core on a CPU
+    # host: see the top of this file) as experiments.sweep runs it; the data batch is shared
+    # by all settings (replicated), as a sweep's data is.
+    mesh = settings_mesh(len(SWEEP_SETTINGS))
+    per, rep = (NamedSharding(mesh, P(*a)) for a in (("settings",), ()))
+    vmapped = jax.jit(training.over_settings(run, mesh, (True, False, True), "vmap"))
+    stacked_specs, stacked_states, xy_rep = jax.device_put(
+        (
+            wrap.stack_specs(specs),
+            jax.tree.map(lambda *xs: jnp.stack(xs), *states),
+            jax.device_put(xy, rep),
+        ),
+        (per, per, rep),
+    )
+    # Diagnostic: the settings one after another inside each device's program (lax.map),
+    # the sweep's bit-exact mode.
+    mapped = jax.jit(training.over_settings(run, mesh, (True, False, True), "map"))
     # Reference: the same comparison for plain Flax + optax FP32 training of the same MLP
     # (no qsparse code), to tell XLA's batched execution on this machine from our overhead.
     p_step, p_state, _ = plain_setup(SMALL_HIDDEN, xy[0])
@@ -487,20 +520,23 @@ def bench_sweep(sz: Sizes) -> dict:
         return jax.lax.scan(lambda st, _: p_step(st, batch_), state, None, length=s)[0]
 
     p_one = jax.jit(p_run)
-    p_vmapped = jax.jit(jax.vmap(p_run, in_axes=(0, None)))
-    p_stacked = jax.tree.map(lambda x: jnp.stack([x] * len(SWEEP_SETTINGS)), p_state)
+    p_vmapped = jax.jit(training.over_settings(p_run, mesh, (True, False), "vmap"))
+    p_stacked = jax.device_put(
+        jax.tree.map(lambda x: jnp.stack([x] * len(SWEEP_SETTINGS)), p_state), per
+    )
     programs = {
         "sequential": lambda: [one(st, xy, sp) for st, sp in zip(states, specs)],
-        "vmap": lambda: vmapped(stacked_states, xy, stacked_specs),
+        "vmap": lambda: vmapped(stacked_states, xy_rep, stacked_specs),
         "plain sequential": lambda: [p_one(p_state, xy) for _ in SWEEP_SETTINGS],
-        "plain vmap": lambda: p_vmapped(p_stacked, xy),
+        "plain vmap": lambda: p_vmapped(p_stacked, xy_rep),
     }
     if sz.sweep_map:
-        programs["lax.map"] = lambda: mapped(stacked_states, xy, stacked_specs)
+        programs["lax.map"] = lambda: mapped(stacked_states, xy_rep, stacked_specs)
     t = race(programs, sz.sweep_reps, tag="sweep/")
     n_steps = s * len(SWEEP_SETTINGS)
     return {
         "settings": [list(x) for x in SWEEP_SETTINGS],
+        "devices": mesh.devices.size,
         "steps_per_setting": s,
         "schedule": dataclasses.asdict(sched),
         "ms_per_setting_step": {k: 1e3 * med(v) / n_steps for k, v in t.items()},
@@ -615,11 +651,14 @@ def bench_guard(sz: Sizes) -> dict:
     states = jax.vmap(
         lambda sp, k: training.init_state(model, plan, sched, sp, k, images[:1] / 255.0)
     )(specs, jax.random.split(jax.random.key(0), len(SWEEP_SETTINGS)))
-    key = jax.random.key(1)
+    mesh = settings_mesh(len(SWEEP_SETTINGS))
+    per, rep = (NamedSharding(mesh, P(*a)) for a in (("settings",), ()))
+    states, specs = jax.device_put((states, specs), per)
+    images, labels, key = jax.device_put((images, labels, jax.random.key(1)), rep)
     programs = {}
     for name, guard in (("guard", True), ("no guard", False)):
         epoch = training.make_train_epoch(model, plan, sched, batch, guard=guard)
-        fn = jax.jit(jax.vmap(epoch, in_axes=(0, None, None, None, 0)))
+        fn = jax.jit(training.over_settings(epoch, mesh, (True, False, False, False, True)))
         programs[name] = lambda fn=fn: fn(states, images, labels, key, specs)
     t = race(programs, sz.sweep_reps, tag="guard/")
     return {
@@ -738,7 +777,10 @@ def report(res: dict) -> list[dict]:
     sw = res.get("sweep")
     if sw:
         ms = sw["ms_per_setting_step"]
-        print(f"\n3. sweep, 8 settings x {sw['steps_per_setting']} steps, MLP 784-256-256-10, b128")
+        print(
+            f"\n3. sweep, 8 settings x {sw['steps_per_setting']} steps, MLP 784-256-256-10, b128;"
+            f" vmap and lax.map split over {sw['devices']} device(s)"
+        )
         print("   ms per setting-step: " + " | ".join(f"{k} {v:.2f}" for k, v in ms.items()))
         lax_map = sw["ratio_lax_map"]
         print(
