@@ -408,6 +408,7 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
         )
     )
     programs["mask update"] = lambda: mask_fn(j_state.params)
+    programs["stream"] = stream_program()
     if matmul_chain:
         programs["matmul"] = matmul_program(matmul_chain)
     t = race(programs, reps, tag=f"b{batch}/")
@@ -419,6 +420,8 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
     ratios = {k: paired_ratio(t[k], t["plain"]) for k in phases}
     best = {k: best_ratio(t[k], t["plain"]) for k in phases}
     worst = max(ratios, key=ratios.get)
+    gbs = STREAM_BYTES / med(t["stream"]) / 1e9
+    extra_mb = (cost["joint"]["bytes"] - cost["plain"]["bytes"]) / 1e6 if cost["joint"] else None
     entry = {
         "steps_per_call": n,
         "ms_per_step": ms,
@@ -431,6 +434,11 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
         "cost_plain": cost["plain"],
         "cost_joint": cost["joint"],
         "compiles": {"plain": compiles(p_run), "joint": compiles(j_run)},
+        # What the extra bytes alone would cost at the machine's streaming bandwidth, against
+        # what the worst phase measured beyond the plain step.
+        "stream_gbs": gbs,
+        "extra_bytes_ms": extra_mb / gbs if extra_mb is not None else None,
+        "extra_ms": ms[worst] - ms["plain"],
     }
     if matmul_chain:
         flops_step = 6.0 * batch * n_params
@@ -448,6 +456,27 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
             "joint_phase": worst,
         }
     return entry
+
+
+STREAM_BYTES = 3 * 4 * 2**22 * 8  # 8 passes of z = x + a * y over 4M float32s: 2 reads, 1 write
+
+
+def stream_program() -> Callable[[], Any]:
+    """The bandwidth probe: 8 jitted passes ``z = x + a * y`` over 16 MB arrays (a STREAM
+    triad, far larger than the caches), as one call; bytes moved: :data:`STREAM_BYTES`."""
+    kx, ky = jax.random.split(jax.random.key(11))
+    x = jax.random.normal(kx, (2**22,), jnp.float32)
+    y = jax.random.normal(ky, (2**22,), jnp.float32)
+
+    @jax.jit
+    def run(x, y):
+        # Each pass depends on the last, so XLA cannot merge them into one.
+        def body(i, z):
+            return z + (1.0 + i.astype(jnp.float32) * 1e-9) * y
+
+        return jax.lax.fori_loop(0, 8, body, x)
+
+    return lambda: run(x, y)
 
 
 def matmul_program(calls: int) -> Callable[[], Any]:
@@ -743,6 +772,13 @@ def report(res: dict) -> list[dict]:
                     f"   batch {b:>5}: plain {cp['bytes'] / 1e6:7.1f} MB {cp['flops'] / 1e9:6.2f}"
                     f" GFLOP | joint {cj['bytes'] / 1e6:7.1f} MB {cj['flops'] / 1e9:6.2f} GFLOP"
                     f" | bytes x{cj['bytes'] / cp['bytes']:.2f}"
+                )
+        for b, e in st["batches"].items():
+            if e.get("extra_bytes_ms") is not None:
+                print(
+                    f"   batch {b:>5}: streaming bandwidth {e['stream_gbs']:.1f} GB/s; the joint"
+                    f" step's extra bytes at that rate {e['extra_bytes_ms']:.1f} ms/step,"
+                    f" measured extra ({e['worst_phase']}) {e['extra_ms']:.1f} ms/step"
                 )
         for b, e in st["batches"].items():
             targets.append(
