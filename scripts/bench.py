@@ -125,7 +125,8 @@ class Sizes:
 
 SIZES = {
     # Rounds enough for medians that hold still on a shared 2-core VM, where a single round of
-    # the sweep or guard comparison varies by +-5%.
+    # the sweep, guard or input comparison varies by +-5% (input: 0.92-1.01 over four runs of
+    # 9 rounds of the same code, hence 13).
     "full": Sizes(
         reps=9,
         step_batches=(128, 1024),
@@ -135,7 +136,7 @@ SIZES = {
         sweep_reps=11,
         sweep_map=True,
         input_examples=None,
-        input_reps=9,
+        input_reps=13,
     ),
     "quick": Sizes(
         reps=3,
