@@ -36,11 +36,12 @@ fastest round) is shown beside it, and a target whose two estimates disagree is 
 than PASS or MISS. Phase states are made by setting the step counters of a fresh state (timing
 does not depend on the weights' values). XLA's cost analysis of one compiled step (bytes
 accessed, flops) is printed too: it does not depend on load, and on a memory-bound CPU it is
-where the joint step's extra time comes from.
+where the joint step's extra time comes from; a streaming-bandwidth probe timed in the same
+rounds turns those extra bytes into milliseconds to set beside the measured difference.
 
-``--only steps,sweep,input,guard`` runs a subset; on 2 quiet CPU cores ``--quick`` takes about
-1 minute and the full run about 3 (more on a loaded machine); ``--gpu`` sizes the scans for an
-accelerator.
+``--only steps,sweep,input,guard`` runs a subset; on 2 CPU cores ``--quick`` takes 1 to 2
+minutes and the full run 3 to 8 (an AMD EPYC VM: 3; an Intel Xeon VM at 2 GHz: 7); ``--gpu``
+sizes the scans for an accelerator.
 """
 
 from __future__ import annotations
@@ -888,7 +889,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="short run (about 1 minute on CPU)")
+    mode.add_argument(
+        "--quick", action="store_true", help="short run (1 to 2 minutes on 2 CPU cores)"
+    )
     mode.add_argument("--gpu", action="store_true", help="sizes for a GPU (about 5 minutes)")
     parser.add_argument("--out", default="bench.json", help="JSON results file")
     parser.add_argument(
