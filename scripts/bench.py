@@ -59,8 +59,8 @@ from typing import Any
 
 # A sweep splits its settings over the devices (training.over_settings); on a CPU host, one
 # JAX device per core lets each core train its own settings (a single-device program still
-# uses every core through XLA's intra-op threads, so sections 1, 2 and 4 are unaffected: checked
-# by timing the plain step with and without the flag). Must be set before JAX starts.
+# uses every core through XLA's intra-op threads, so sections 1, 2 and 4 are unaffected:
+# `python scripts/probes.py device-flag` checks). Must be set before JAX starts.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
@@ -336,11 +336,13 @@ def scan_steps(step: Callable, n: int) -> Callable:
     return jax.jit(run)
 
 
-def settings_mesh(n: int) -> Mesh:
-    """A ``"settings"`` mesh over as many devices as share ``n`` settings evenly."""
+def settings_mesh(n: int) -> tuple[Mesh, NamedSharding, NamedSharding]:
+    """A ``"settings"`` mesh over as many devices as share ``n`` settings evenly, with its
+    per-setting (split) and replicated shardings."""
     devices = jax.devices()
     d = max(k for k in range(1, min(n, len(devices)) + 1) if n % k == 0)
-    return Mesh(np.array(devices[:d]), ("settings",))
+    mesh = Mesh(np.array(devices[:d]), ("settings",))
+    return mesh, NamedSharding(mesh, P("settings")), NamedSharding(mesh, P())
 
 
 def synthetic_batch(batch: int, seed: int = 1):
@@ -529,15 +531,10 @@ def bench_sweep(sz: Sizes) -> dict:
     # One vmapped program over the settings, split over the devices (one per core on a CPU
     # host: see the top of this file) as experiments.sweep runs it; the data batch is shared
     # by all settings (replicated), as a sweep's data is.
-    mesh = settings_mesh(len(SWEEP_SETTINGS))
-    per, rep = (NamedSharding(mesh, P(*a)) for a in (("settings",), ()))
+    mesh, per, rep = settings_mesh(len(SWEEP_SETTINGS))
     vmapped = jax.jit(training.over_settings(run, mesh, (True, False, True), "vmap"))
     stacked_specs, stacked_states, xy_rep = jax.device_put(
-        (
-            wrap.stack_specs(specs),
-            jax.tree.map(lambda *xs: jnp.stack(xs), *states),
-            jax.device_put(xy, rep),
-        ),
+        (wrap.stack_specs(specs), jax.tree.map(lambda *xs: jnp.stack(xs), *states), xy),
         (per, per, rep),
     )
     # Diagnostic: the settings one after another inside each device's program (lax.map),
@@ -682,8 +679,7 @@ def bench_guard(sz: Sizes) -> dict:
     states = jax.vmap(
         lambda sp, k: training.init_state(model, plan, sched, sp, k, images[:1] / 255.0)
     )(specs, jax.random.split(jax.random.key(0), len(SWEEP_SETTINGS)))
-    mesh = settings_mesh(len(SWEEP_SETTINGS))
-    per, rep = (NamedSharding(mesh, P(*a)) for a in (("settings",), ()))
+    mesh, per, rep = settings_mesh(len(SWEEP_SETTINGS))
     states, specs = jax.device_put((states, specs), per)
     images, labels, key = jax.device_put((images, labels, jax.random.key(1)), rep)
     programs = {}

@@ -80,7 +80,6 @@ import re, sys
 sys.path.insert(0, sys.argv[1])
 import bench
 import jax, jax.numpy as jnp, numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 from qsparse import training, wrap
 s = 10
 sched = training.Schedule(total_steps=s, prune_begin=3, prune_end=6, prune_every=1)
@@ -93,8 +92,7 @@ states = [training.init_state(model, plan, sched, sp, jax.random.key(i), xy[0])
           for i, sp in enumerate(specs)]
 step = training.make_train_step(model, plan, sched)
 run = lambda st, b, sp: jax.lax.scan(lambda a, _: step(a, b, sp), st, None, length=s)[0]
-mesh = bench.settings_mesh(len(specs))
-per, rep = NamedSharding(mesh, P("settings")), NamedSharding(mesh, P())
+mesh, per, rep = bench.settings_mesh(len(specs))
 stacked = jax.tree.map(lambda *x: jnp.stack(x), *states)
 args = jax.device_put((stacked, wrap.stack_specs(specs)), per)
 args = (args[0], jax.device_put(xy, rep), args[1])
