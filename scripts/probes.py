@@ -3,6 +3,7 @@ r"""Small performance probes behind statements in the README's Performance secti
     python scripts/probes.py chunked-adam        # Adam on a 1024^2 kernel: fused vs row-chunked
     python scripts/probes.py sweep-collectives   # all-reduces in a jit-sharded vmap vs shard_map
     python scripts/probes.py device-flag         # plain step with and without one device per core
+    python scripts/probes.py step-profile        # where the joint step's time goes (b128 trace)
 
 Each prints its numbers; none is a test. ``sweep-collectives`` and ``device-flag`` start
 subprocesses, because the host device count is fixed when JAX starts.
@@ -158,8 +159,155 @@ def device_flag() -> None:
         print(f"plain step ms: 1 device {one} | {n} devices {many}")
 
 
+_HLO_INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
+
+
+def _hlo_frames(hlo: str) -> dict[str, str]:
+    """Stack frame id -> ``file:line function`` from the tables of a compiled HLO module."""
+    tables: dict[str, dict[str, str]] = {}
+    section = None
+    for line in hlo.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line
+            tables[section] = {}
+        elif section and re.match(r"\d+ ", line):
+            key, value = line.split(" ", 1)
+            tables[section][key] = value
+        elif not line.strip():
+            section = None
+    files, funcs = tables.get("FileNames", {}), tables.get("FunctionNames", {})
+    locs = tables.get("FileLocations", {})
+    out = {}
+    for fid, frame in tables.get("StackFrames", {}).items():
+        loc = locs.get(re.search(r"file_location_id=(\d+)", frame).group(1), "")
+        m = re.search(r"file_name_id=(\d+) function_name_id=(\d+) line=(\d+)", loc)
+        if m:
+            path = files.get(m.group(1), "").strip('"')
+            short = "/".join(path.split("/")[-2:])
+            func = funcs.get(m.group(2), "").strip('"').replace(".<locals>", "")
+            out[fid] = f"{short}:{m.group(3)} {func}"
+    return out
+
+
+def _hlo_ops(hlo: str) -> dict[str, dict]:
+    """Instruction name -> shape, opcode, whether it is a matmul, and its source line."""
+    frames = _hlo_frames(hlo)
+    comps: dict[str, str] = {}
+    for block in re.split(r"\n(?=\S)", hlo):
+        head = block.split(" ", 1)[0].lstrip("%")
+        comps[head] = block
+    ops = {}
+    for line in hlo.splitlines():
+        m = _HLO_INSTR.match(line)
+        if not m:
+            continue
+        name, shape, opcode, rest = m.groups()
+        called = re.search(r"calls=%([\w.\-]+)", rest)
+        body = comps.get(called.group(1), "") if called else ""
+        frame = re.search(r"stack_frame_id=(\d+)", rest)
+        ops[name] = {
+            "shape": shape,
+            "opcode": opcode,
+            "matmul": opcode in ("dot", "convolution") or " dot(" in body,
+            "source": frames.get(frame.group(1), "") if frame else "",
+        }
+    return ops
+
+
+def _union_ms(intervals) -> float:
+    """Total length (ms) covered by ``(start_ns, end_ns)`` intervals."""
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total / 1e6
+
+
+def _trace_ops(run, args, ops: dict, calls: int) -> list[tuple[int, int, str]]:
+    """``(start_ns, end_ns, name)`` of every XLA op executed during ``calls`` traced calls."""
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            for _ in range(calls):
+                jax.block_until_ready(run(*args))
+        (path,) = Path(d).rglob("*.xplane.pb")
+        pd = jax.profiler.ProfileData.from_file(str(path))
+    # Control-flow ops (a branch, a loop) are timed around the ops they run: not counted.
+    return [
+        (ev.start_ns, ev.start_ns + ev.duration_ns, ev.name)
+        for plane in pd.planes
+        for line in plane.lines
+        for ev in line.events
+        if ev.name in ops and ops[ev.name]["opcode"] not in ("conditional", "while", "call")
+    ]
+
+
+def step_profile(batch: int = 128, n: int = 10, calls: int = 5) -> None:
+    """Where a step's time goes: plain Flax against the joint step in each phase.
+
+    Traces the bench's programs (MLP 784-1024x3-10, ``n`` steps per call) with
+    ``jax.profiler`` and splits each step into XLA ops: their summed time, how much of it
+    ran concurrently (summed / wall), matmul time, and the wall time during which no matmul
+    ran (the elementwise work nothing overlaps: optimizer, quantizer backward, prox). Then
+    the non-matmul op time by the source line XLA records for each op.
+    """
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench  # sets the host device count before JAX starts
+    import jax
+
+    from qsparse import training
+
+    model = bench.MLP(hidden=bench.BIG_HIDDEN)
+    xy = bench.synthetic_batch(batch)
+    sched = bench.STEP_SCHEDULE
+    p_step, p_state, _ = bench.plain_setup(bench.BIG_HIDDEN, xy[0])
+    plan, spec = bench.joint_plan(model, xy[0])
+    j_state = training.init_state(model, plan, sched, spec, jax.random.key(0), xy[0])
+    p_run = bench.scan_steps(p_step, n)
+    j_run = bench.scan_steps(training.make_train_step(model, plan, sched), n)
+    programs = {"plain": (p_run, (p_state, xy))}
+    for phase, step in (("prox", 0), ("prune", sched.prune_begin + 1)):
+        programs[f"joint {phase}"] = (j_run, (bench.at_step(j_state, step), xy, spec))
+    programs["joint finetune"] = (j_run, (bench.at_step(j_state, sched.prune_end + 1), xy, spec))
+    print(f"batch {batch}, {n} steps per call, {calls} calls traced; per step:")
+    print(f"{'program':15s} {'wall ms':>8s} {'op ms':>7s} {'overlap':>7s} {'matmul':>7s}"
+          f" {'no-matmul wall':>14s}")  # fmt: skip
+    by_source: dict[str, dict[str, float]] = {}
+    for name, (run, args) in programs.items():
+        ops = _hlo_ops(run.lower(*args).compile().as_text())
+        jax.block_until_ready(run(*args))  # compiled and warm before the trace
+        evs = _trace_ops(run, args, ops, calls)
+        steps = calls * n
+        op_ms = sum(b - a for a, b, _ in evs) / 1e6 / steps
+        mm = [(a, b) for a, b, k in evs if ops[k]["matmul"]]
+        mm_ms = sum(b - a for a, b in mm) / 1e6 / steps
+        # Traced calls follow one another, so the span of their ops is the wall time.
+        window = (max(b for _, b, _ in evs) - min(a for a, _, _ in evs)) / 1e6
+        wall = window / steps
+        free = (window - _union_ms(mm)) / steps
+        print(f"{name:15s} {wall:8.2f} {op_ms:7.2f} {op_ms / wall:7.2f} {mm_ms:7.2f} {free:14.2f}")
+        for a, b, k in evs:
+            if not ops[k]["matmul"]:
+                row = by_source.setdefault(ops[k]["source"] or "(no source)", {})
+                row[name] = row.get(name, 0.0) + (b - a) / 1e6 / steps
+    names = list(programs)
+    print("\nnon-matmul op time by source line, ms per step (largest first):")
+    print(" ".join(f"{k.replace('joint ', ''):>8s}" for k in names) + "  source")
+    top = sorted(by_source.items(), key=lambda kv: -max(kv[1].values()))[:12]
+    for src, row in top:
+        print(" ".join(f"{row.get(k, 0.0):8.2f}" for k in names) + f"  {src}")
+
+
 PROBES = {
     "chunked-adam": chunked_adam,
+    "step-profile": step_profile,
     "sweep-collectives": sweep_collectives,
     "device-flag": device_flag,
 }
