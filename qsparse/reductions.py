@@ -32,11 +32,11 @@ def tree_sum(x, axis: int):
         hi = jax.lax.slice_in_dim(x, half, 2 * half, axis=axis)
         pair = lo + hi
         if k % 2:
-            # The odd one out joins the first slot; the rest stay pairwise.
+            # The odd one out joins the first slot: a select, not a concatenate, so the
+            # levels stay one fused loop (a concatenate was written out, and XLA recomputed
+            # the levels before it for the odd row: a full-size pass more for 784 rows).
             last = jax.lax.slice_in_dim(x, k - 1, k, axis=axis)
-            first = jax.lax.slice_in_dim(pair, 0, 1, axis=axis) + last
-            pair = jax.lax.concatenate(
-                [first, jax.lax.slice_in_dim(pair, 1, half, axis=axis)], axis
-            )
+            first = jax.lax.broadcasted_iota(jnp.int32, pair.shape, axis) == 0
+            pair = jnp.where(first, pair + last, pair)
         x = pair
     return jnp.squeeze(x, axis)
