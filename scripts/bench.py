@@ -323,6 +323,16 @@ def at_step(state, step: int):
     return jax.tree.map(one, state)
 
 
+def phase_states(state, sched) -> dict:
+    """The state placed in each phase of ``sched``: prox (step 0), pruning (just after a mask
+    update) and fine-tuning (just after the last one)."""
+    return {
+        "prox": at_step(state, 0),
+        "prune": at_step(state, sched.prune_begin + 1),
+        "finetune": at_step(state, sched.prune_end + 1),
+    }
+
+
 def scan_steps(step: Callable, n: int) -> Callable:
     """``run(state, batch, *args)``: ``n`` steps on one batch as a ``lax.scan``, jitted."""
 
@@ -396,11 +406,7 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
     # update, and the update itself (block norms, ranking, masks: what the step's branch runs
     # on a schedule step) is timed on its own, then amortized over prune_every steps. A
     # window holding one update would differ from one without by less than the noise.
-    states = {
-        "prox": at_step(j_state, 0),
-        "prune": at_step(j_state, sched.prune_begin + 1),
-        "finetune": at_step(j_state, sched.prune_end + 1),
-    }
+    states = phase_states(j_state, sched)
     programs = {"plain": lambda: p_run(p_state, xy)}
     for name, st in states.items():
         programs[name] = lambda st=st: j_run(st, xy, spec)

@@ -273,9 +273,8 @@ def step_profile(batch: int = 128, n: int = 10, calls: int = 5) -> None:
     p_run = bench.scan_steps(p_step, n)
     j_run = bench.scan_steps(training.make_train_step(model, plan, sched), n)
     programs = {"plain": (p_run, (p_state, xy))}
-    for phase, step in (("prox", 0), ("prune", sched.prune_begin + 1)):
-        programs[f"joint {phase}"] = (j_run, (bench.at_step(j_state, step), xy, spec))
-    programs["joint finetune"] = (j_run, (bench.at_step(j_state, sched.prune_end + 1), xy, spec))
+    for phase, st in bench.phase_states(j_state, sched).items():
+        programs[f"joint {phase}"] = (j_run, (st, xy, spec))
     print(f"batch {batch}, {n} steps per call, {calls} calls traced; per step:")
     print(f"{'program':15s} {'wall ms':>8s} {'op ms':>7s} {'overlap':>7s} {'matmul':>7s}"
           f" {'no-matmul wall':>14s}")  # fmt: skip
