@@ -4,6 +4,7 @@ r"""Small performance probes behind statements in the README's Performance secti
     python scripts/probes.py sweep-collectives   # all-reduces in a jit-sharded vmap vs shard_map
     python scripts/probes.py device-flag         # plain step with and without one device per core
     python scripts/probes.py step-profile        # where the joint step's time goes (b128 trace)
+    python scripts/probes.py step-timeline       # one step's ops in start order (b128 trace)
 
 Each prints its numbers; none is a test. ``sweep-collectives`` and ``device-flag`` start
 subprocesses, because the host device count is fixed when JAX starts.
@@ -279,15 +280,8 @@ def _trace_ops(run, args, ops: dict, calls: int) -> list[tuple[int, int, str]]:
     return _op_intervals(events, ops)
 
 
-def step_profile(batch: int = 128, n: int = 10, calls: int = 5) -> None:
-    """Where a step's time goes: plain Flax against the joint step in each phase.
-
-    Traces the bench's programs (MLP 784-1024x3-10, ``n`` steps per call) with
-    ``jax.profiler`` and splits each step into XLA ops: their summed time, how much of it
-    ran concurrently (summed / wall), matmul time, and the wall time during which no matmul
-    ran (the elementwise work nothing overlaps: optimizer, quantizer backward, prox). Then
-    the non-matmul op time by the source line XLA records for each op.
-    """
+def _step_programs(batch: int, n: int) -> dict:
+    """The bench's plain program and the joint program in each phase: name -> (run, args)."""
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench  # sets the host device count before JAX starts
     import jax
@@ -305,6 +299,21 @@ def step_profile(batch: int = 128, n: int = 10, calls: int = 5) -> None:
     programs = {"plain": (p_run, (p_state, xy))}
     for phase, st in bench.phase_states(j_state, sched).items():
         programs[f"joint {phase}"] = (j_run, (st, xy, spec))
+    return programs
+
+
+def step_profile(batch: int = 128, n: int = 10, calls: int = 5) -> None:
+    """Where a step's time goes: plain Flax against the joint step in each phase.
+
+    Traces the bench's programs (MLP 784-1024x3-10, ``n`` steps per call) with
+    ``jax.profiler`` and splits each step into XLA ops: their summed time, how much of it
+    ran concurrently (summed / wall), matmul time, and the wall time during which no matmul
+    was in flight (the elementwise work nothing overlaps: optimizer, quantizer backward,
+    prox). Then the non-matmul op time by the source line XLA records for each op.
+    """
+    import jax
+
+    programs = _step_programs(batch, n)
     print(f"batch {batch}, {n} steps per call, {calls} calls traced; per step:")
     print(f"{'program':15s} {'wall ms':>8s} {'op ms':>7s} {'overlap':>7s} {'matmul':>7s}"
           f" {'no-matmul wall':>14s}")  # fmt: skip
@@ -334,9 +343,38 @@ def step_profile(batch: int = 128, n: int = 10, calls: int = 5) -> None:
         print(" ".join(f"{row.get(k, 0.0):8.2f}" for k in names) + f"  {src}")
 
 
+def step_timeline(batch: int = 128, n: int = 10, min_us: float = 20.0) -> None:
+    """The ops of one step of the plain and the joint fine-tuning program, in start order.
+
+    One traced call of ``n`` steps; the middle step's ops of at least ``min_us``, each with
+    its start (ms from the step's first op), duration, whether it is a matmul, its output
+    shape and source line: which elementwise work runs beside a matmul, and which after.
+    """
+    import jax
+
+    programs = _step_programs(batch, n)
+    for name in ("plain", "joint finetune"):
+        run, args = programs[name]
+        ops = _hlo_ops(run.lower(*args).compile().as_text())
+        jax.block_until_ready(run(*args))
+        evs = sorted(_trace_ops(run, args, ops, 1))
+        per = len(evs) // n  # every step runs the same ops
+        step = evs[per * (n // 2) : per * (n // 2 + 1)]
+        t0 = step[0][0]
+        print(f"{name}, batch {batch}: step {n // 2} of {n}, ops of {min_us:.0f} us or more")
+        print(f"{'start ms':>8s} {'ms':>6s} {'':2s} {'op':28s} {'shape':24s} source")
+        for a, b, k in step:
+            if (b - a) / 1e3 >= min_us:
+                mm = "MM" if ops[k]["matmul"] else ""
+                shape = ops[k]["shape"].split("{")[0]
+                print(f"{(a - t0) / 1e6:8.2f} {(b - a) / 1e6:6.2f} {mm:2s} {k[:28]:28s}"
+                      f" {shape[:24]:24s} {ops[k]['source']}")  # fmt: skip
+
+
 PROBES = {
     "chunked-adam": chunked_adam,
     "step-profile": step_profile,
+    "step-timeline": step_timeline,
     "sweep-collectives": sweep_collectives,
     "device-flag": device_flag,
 }
