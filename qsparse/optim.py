@@ -677,29 +677,31 @@ def block_sparse_adam(
         active = count < begin
         threshold = prox_strength(count) if callable(prox_strength) else prox_strength
 
-        # Operands: params and the new moments, never the full-size update (see above).
-        def factors(fp, fm, fv):
-            return {
-                k: jnp.where(
-                    active,
-                    sparsity.prox_block_factor(
-                        fp[k] + adam_step(k, fp[k], fm[k], fv[k]), bs, threshold
-                    ),
-                    1.0,
-                )
-                for k, bs in block_shapes.items()
-            }
+        # Operands: params and the new moments, never the full-size update (see above). One
+        # branch per kernel, so a kernel's update waits for its own moments only and can run
+        # beside the matmuls of the layers below (one branch over all kernels held every
+        # update back until the last layer's gradient).
+        def factor(k, bs):
+            def prox(p, m, v):
+                step = adam_step(k, p, m, v)
+                return jnp.where(active, sparsity.prox_block_factor(p + step, bs, threshold), 1.0)
 
-        flat_p = _by_path(params)
+            return prox
+
+        flat_p, flat_mu, flat_nu = _by_path(params), _by_path(mu), _by_path(nu)
         ones = {k: jnp.ones(_grid(flat_p[k], bs)) for k, bs in block_shapes.items()}
-        f = jax.lax.cond(
-            any_setting(active),
-            factors,
-            lambda *_: ones,
-            {k: flat_p[k] for k in block_shapes},
-            {k: v for k, v in _by_path(mu).items() if k in block_shapes},
-            {k: v for k, v in _by_path(nu).items() if k in block_shapes},
-        )
+        prox_on = any_setting(active)
+        f = {
+            k: jax.lax.cond(
+                prox_on,
+                factor(k, bs),
+                lambda *_, o=ones[k]: o,
+                flat_p[k],
+                flat_mu[k],
+                flat_nu[k],
+            )
+            for k, bs in block_shapes.items()
+        }
         new_masks = _scheduled_masks(
             params, masks, count, block_shapes, compression,
             begin=begin, end=end, frequency=frequency, balanced=balanced, scope=scope,

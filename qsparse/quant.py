@@ -246,11 +246,15 @@ def _fake_quant_bwd(zero_level, res, g):
     full = bits >= FULL_PRECISION
     live = (w != 0) & ~full
     ds = jnp.where(live, g * (codes - jnp.where(inside, x, 0.0)), 0.0)
-    # s is a scalar or one step per output channel (last axis): sum over the rest. The rows
-    # go by a tree of slice additions, fused with the product above into one loop (a reduce
-    # op would write the full-size product out and read it back; see qsparse.reductions).
-    ds = tree_sum(ds.reshape(-1, w.shape[-1]), 0)
-    ds = (ds if s.ndim else jnp.sum(ds)).reshape(s.shape).astype(s.dtype)
+    # s is a scalar or one step per output channel (last axis): sum over the rest. The first
+    # levels of a tree of slice additions fuse with the product above into one loop (a
+    # reduce op would write the full-size product out and read it back; see
+    # qsparse.reductions); the <= 256 rows left go to one reduce op. Every level more is one
+    # op more in the chain the optimizer waits for (dw is ordered after ds, below), and XLA
+    # schedules such small ops late: with the tree to one row, no layer's Adam moments ran
+    # before the last weight-gradient matmul of the step.
+    part = tree_sum(ds.reshape(-1, w.shape[-1]), 0, until=256)
+    ds = (jnp.sum(part, 0) if s.ndim else jnp.sum(part)).reshape(s.shape).astype(s.dtype)
     # dw times exactly 1, but computed from ds: whatever consumes dw (the optimizer's update
     # of w) now runs after the pass above, the last read of w. Without that order XLA must
     # copy w on every step of a training loop before it may update it in place.

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 
-def tree_sum(x, axis: int):
+def tree_sum(x, axis: int, until: int = 1):
     """Sum over ``axis`` by pairwise additions of its two halves (a tree in that axis).
 
     The result equals ``jnp.sum(x, axis)`` up to float rounding (the order is pairwise).
@@ -21,11 +21,15 @@ def tree_sum(x, axis: int):
     Args:
       x: array.
       axis: axis to sum out (non-negative).
+      until: stop halving once the axis has at most this many entries (1: sum it out).
 
     Returns:
-      ``x`` summed over ``axis`` (that axis removed).
+      ``x`` summed over ``axis`` (that axis removed), or with ``until > 1`` the partial sums
+      (the axis kept, at most ``until`` long).
     """
-    while x.shape[axis] > 1:
+    if until < 1:
+        raise ValueError(f"until={until} is not allowed: use an integer >= 1")
+    while x.shape[axis] > until:
         k = x.shape[axis]
         half = k // 2
         lo = jax.lax.slice_in_dim(x, 0, half, axis=axis)
@@ -39,4 +43,4 @@ def tree_sum(x, axis: int):
             first = jax.lax.broadcasted_iota(jnp.int32, pair.shape, axis) == 0
             pair = jnp.where(first, pair + last, pair)
         x = pair
-    return jnp.squeeze(x, axis)
+    return jnp.squeeze(x, axis) if x.shape[axis] == 1 and until == 1 else x

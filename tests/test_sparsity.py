@@ -68,17 +68,32 @@ def test_tree_sum_equals_sum(shape, axis):
     np.testing.assert_allclose(got, np.sum(np.asarray(x, np.float64), axis), rtol=1e-5, atol=1e-6)
 
 
-def _tree_reference(x, axis):
+def _tree_reference(x, axis, until=1):
     """The pairwise order tree_sum promises, in numpy float32: each level adds the first half
     to the second; an odd level's last row joins the first slot."""
     x = np.moveaxis(np.asarray(x, np.float32), axis, 0)
-    while x.shape[0] > 1:
+    while x.shape[0] > until:
         half = x.shape[0] // 2
         pair = x[:half] + x[half : 2 * half]
         if x.shape[0] % 2:
             pair[0] = pair[0] + x[-1]
         x = pair
-    return x[0]
+    return x[0] if until == 1 else np.moveaxis(x, 0, axis)
+
+
+@pytest.mark.parametrize(
+    "rows,until,left", [(1024, 256, 256), (784, 256, 196), (49, 8, 6), (5, 8, 5)]
+)
+def test_tree_sum_until_keeps_the_partial_sums(rows, until, left):
+    # The LSQ step gradient folds a kernel's rows to at most 256 in fused loops, then one
+    # reduce op finishes the sum.
+    x = jax.random.normal(jax.random.key(rows), (3, rows, 24)) * 100.0
+    got = np.asarray(jax.jit(lambda x: tree_sum(x, 1, until=until))(x))
+    assert got.shape == (3, left, 24)
+    want = _tree_reference(x, 1, until)
+    assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
+    with pytest.raises(ValueError, match="until=0"):
+        tree_sum(x, 1, until=0)
 
 
 @pytest.mark.parametrize("rows", [784, 49, 6, 3, 1024, 100])
