@@ -43,4 +43,4 @@ def tree_sum(x, axis: int, until: int = 1):
             first = jax.lax.broadcasted_iota(jnp.int32, pair.shape, axis) == 0
             pair = jnp.where(first, pair + last, pair)
         x = pair
-    return jnp.squeeze(x, axis) if x.shape[axis] == 1 and until == 1 else x
+    return jnp.squeeze(x, axis) if until == 1 else x
