@@ -259,12 +259,15 @@ def _op_intervals(events, ops: dict) -> list[tuple[int, int, str]]:
     return out
 
 
-def _trace_ops(run, args, ops: dict, calls: int) -> list[tuple[int, int, str]]:
-    """``(start_ns, end_ns, name)`` of every XLA op executed during ``calls`` traced calls."""
+def _trace_ops(run, args, calls: int) -> tuple[dict, list[tuple[int, int, str]]]:
+    """The compiled program's ops (:func:`_hlo_ops`) and ``(start_ns, end_ns, name)`` of every
+    XLA op executed during ``calls`` traced calls (after one untraced, warm-up call)."""
     import tempfile
 
     import jax
 
+    ops = _hlo_ops(run.lower(*args).compile().as_text())
+    jax.block_until_ready(run(*args))  # compiled and warm before the trace
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
             for _ in range(calls):
@@ -277,7 +280,7 @@ def _trace_ops(run, args, ops: dict, calls: int) -> list[tuple[int, int, str]]:
         for line in plane.lines
         for ev in line.events
     ]
-    return _op_intervals(events, ops)
+    return ops, _op_intervals(events, ops)
 
 
 def _step_programs(batch: int, n: int) -> dict:
@@ -311,7 +314,6 @@ def step_profile(batch: int = 128, n: int = 10, calls: int = 5) -> None:
     was in flight (the elementwise work nothing overlaps: optimizer, quantizer backward,
     prox). Then the non-matmul op time by the source line XLA records for each op.
     """
-    import jax
 
     programs = _step_programs(batch, n)
     print(f"batch {batch}, {n} steps per call, {calls} calls traced; per step:")
@@ -319,9 +321,7 @@ def step_profile(batch: int = 128, n: int = 10, calls: int = 5) -> None:
           f" {'no-matmul wall':>14s}")  # fmt: skip
     by_source: dict[str, dict[str, float]] = {}
     for name, (run, args) in programs.items():
-        ops = _hlo_ops(run.lower(*args).compile().as_text())
-        jax.block_until_ready(run(*args))  # compiled and warm before the trace
-        evs = _trace_ops(run, args, ops, calls)
+        ops, evs = _trace_ops(run, args, calls)
         steps = calls * n
         op_ms = sum(b - a for a, b, _ in evs) / 1e6 / steps
         mm = [(a, b) for a, b, k in evs if ops[k]["matmul"]]
@@ -350,14 +350,12 @@ def step_timeline(batch: int = 128, n: int = 10, min_us: float = 20.0) -> None:
     its start (ms from the step's first op), duration, whether it is a matmul, its output
     shape and source line: which elementwise work runs beside a matmul, and which after.
     """
-    import jax
 
     programs = _step_programs(batch, n)
     for name in ("plain", "joint finetune"):
         run, args = programs[name]
-        ops = _hlo_ops(run.lower(*args).compile().as_text())
-        jax.block_until_ready(run(*args))
-        evs = sorted(_trace_ops(run, args, ops, 1))
+        ops, evs = _trace_ops(run, args, 1)
+        evs.sort()
         per = len(evs) // n  # every step runs the same ops
         step = evs[per * (n // 2) : per * (n // 2 + 1)]
         t0 = step[0][0]
