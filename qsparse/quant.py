@@ -290,7 +290,8 @@ def weight_codes(w, bits, step, zero_level: bool = True):
 def quantize_activation(x, bits, clip):
     """Unsigned k-bit activation quantizer on ``[0, clip]``; replaces the ReLU.
 
-    ``q = round(clip(x, 0, c) / d) * d`` with ``d = c / (2**bits - 1)``; rounding is
+    ``q = round(clip(x, 0, c) / d) * d`` with ``d = c / (2**bits - 1)`` (computed as
+    ``round(clip(x, 0, c) * ((2**bits - 1) / c)) * d``, equal up to float rounding); rounding is
     straight-through and the gradient is zero outside ``[0, c]``. A learned (PACT-style)
     ``clip`` receives the gradient of the clipped part. ``bits >= 32`` returns ``relu(x)``.
 
@@ -316,8 +317,13 @@ def _fake_quant_act(x, c, bits):
     Choi et al. 2018, with a straight-through round): ``dq/dx = 1`` on ``(0, c)``;
     ``dq/dc = 1`` above ``c`` and ``(round(x/d) - x/d) / (2**bits - 1)`` inside.
     """
-    d = c / (jnp.exp2(bits) - 1.0)
-    q = (jnp.round(jnp.clip(x, 0.0, c) / d) * d).astype(x.dtype)
+    levels = jnp.exp2(bits) - 1.0
+    # Times the scalar levels / c rather than divided by d (the same value up to rounding):
+    # XLA counts a full-size divide as expensive and would not recompute it in each fused
+    # loop that reads it (this output's, the ReLU's backward, the quantizer's backward), so it
+    # wrote x / d out in full and read it back three times: 5 of the 14 activation-sized
+    # array passes of a layer's step (bench: batch 1024 step ratio 1.16 -> 1.10).
+    q = (jnp.round(jnp.clip(x, 0.0, c) * (levels / c)) * (c / levels)).astype(x.dtype)
     return jnp.where(bits >= FULL_PRECISION, jax.nn.relu(x), q)
 
 
