@@ -623,6 +623,9 @@ def bench_input(sz: Sizes) -> dict:
         # A fresh key per call: every timed epoch is shuffled anew, as in training.
         "epoch": lambda: epoch(state, images, labels, next(keys), spec),
         "constant": lambda: const(state, fixed, spec),
+        # The machine's streaming bandwidth in the same rounds: on a shared VM it swings
+        # (85-117 GB/s here), and the epoch's extra memory traffic costs more when it is low.
+        "stream": stream_program(),
     }
     t = race(programs, sz.input_reps, tag="input/")
     # The shuffle alone: qsparse's Feistel permutation against a sort of the indices by 64
@@ -649,6 +652,7 @@ def bench_input(sz: Sizes) -> dict:
         "constant_s": med(t["constant"]),
         "ratio": paired_ratio(t["constant"], t["epoch"]),
         "ratio_best": best_ratio(t["constant"], t["epoch"]),
+        "stream_gbs": STREAM_BYTES / med(t["stream"]) / 1e9,
         "compiles": {"epoch": compiles(epoch), "constant": compiles(const)},
     }
 
@@ -841,6 +845,7 @@ def report(res: dict) -> list[dict]:
         print(
             f"   epoch {ip['epoch_s']:.2f} s | constant batch {ip['constant_s']:.2f} s"
             f" | ratio {ip['ratio']:.3f} (best-of {ip['ratio_best']:.3f})"
+            + (f" | streaming {ip['stream_gbs']:.0f} GB/s" if "stream_gbs" in ip else "")
             + (f"  NOTE: {ip['note']}" if ip["note"] else "")
         )
         sh = ip["shuffle_ms"]
@@ -878,6 +883,14 @@ def report(res: dict) -> list[dict]:
         goal = f"(target {t['op']} {t['target']})"
         print(f"   {t['status']:5s}  {t['name']}: {t['value']:.3f}{best} {goal}")
     return targets
+
+
+PARTS: dict[str, Callable[[Sizes], dict]] = {
+    "steps": bench_steps,
+    "sweep": bench_sweep,
+    "input": bench_input,
+    "guard": bench_guard,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
