@@ -1,3 +1,5 @@
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,3 +183,19 @@ def test_activation_vjp_equals_autodiff_of_the_formula(bits):
     np.testing.assert_allclose(v1, v2, rtol=1e-6)
     np.testing.assert_allclose(gx1, gx2, atol=1e-6)
     np.testing.assert_allclose(gc1, gc2, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_quantizer_keeps_its_scaled_input_in_the_loops():
+    # A hidden layer's forward and backward through quantizer and ReLU, as a wrapped model
+    # runs them. Dividing by the step d made XLA write the full-size clip(x, 0, c) / d out
+    # (a fusion ending in that divide) and read it back in the forward, the ReLU's backward
+    # and the quantizer's backward: it does not recompute a divide in each loop that reads it.
+    x = jax.random.normal(jax.random.key(0), (64, 96))
+    w = jax.random.normal(jax.random.key(1), (96, 32))
+
+    def layer(x, c):
+        return jnp.sum(jnp.tanh(jax.nn.relu(quantize_activation(x, 2, c)) @ w))
+
+    hlo = jax.jit(jax.grad(layer, argnums=(0, 1))).lower(x, 2.0).compile().as_text()
+    assert re.findall(r"= f32\[64,96\]\S* fusion\(", hlo), "no fused loop found"
+    assert not re.findall(r"ROOT %\S+ = f32\[64,96\]\S* divide\(", hlo)
