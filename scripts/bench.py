@@ -2,7 +2,8 @@ r"""Benchmark of qsparse's training paths, each figure a ratio of two programs t
 
     python scripts/bench.py [--quick | --gpu] [--out bench.json]
 
-What it measures (all in one process; single-setting programs on the default JAX device):
+What it measures (each ratio's two sides in one process: parts 1, 2 and 4 in this process on
+the default single JAX device, parts 3 and 5 in a child process with one device per core):
 
 1. **Step-time ratio**: qsparse's joint training step (2-bit weights and activations, 4X blocks
    on every layer, learned LSQ steps and PACT clips, proximal step and masks on) over a plain
@@ -18,9 +19,9 @@ What it measures (all in one process; single-setting programs on the default JAX
    run one after another through the one compiled single-setting program; the same ratio for
    plain Flax + optax FP32 training of that MLP is printed beside it as a reference. As
    ``experiments.sweep`` does, the vmapped program splits the settings over the devices
-   (:func:`qsparse.training.over_settings`); on a CPU this script makes one JAX device per core
-   (``--xla_force_host_platform_device_count``), so each core trains its own settings while a
-   single-setting program spreads each op over the cores.
+   (:func:`qsparse.training.over_settings`); on a CPU this part runs in a child process with
+   one JAX device per core (``--xla_force_host_platform_device_count``), so each core trains
+   its own settings while a single-setting program spreads each op over the cores.
 4. **Input pipeline**: one epoch of Fashion-MNIST through ``training.make_train_epoch``
    (device-resident uint8 data, per-epoch shuffle, gather + normalize per step) against the same
    number of steps on one constant device-resident batch.
@@ -58,10 +59,17 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 # A sweep splits its settings over the devices (training.over_settings); on a CPU host, one
-# JAX device per core lets each core train its own settings (a single-device program still
-# uses every core through XLA's intra-op threads, so sections 1, 2 and 4 are unaffected:
-# `python scripts/probes.py device-flag` checks). Must be set before JAX starts.
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+# JAX device per core lets each core train its own settings. The sweep's parts (3 and 5) run
+# in a child process started with that flag (set here, before JAX starts, when the child's
+# argv holds MULTI_DEVICE_FLAG); the single-setting parts (1, 2 and 4) run in the parent on
+# the default single device, as experiments.train runs. With two host devices on a 2-core VM,
+# single-device programs ran at one of two speeds, switching even within a process (a small
+# MLP's one-after-another sweep: 0.65-0.72 or 1.05-1.15 ms per setting-step, the slow one in
+# 11 of 19 processes at some point; with one device 0.65-0.72 in all of 11).
+MULTI_DEVICE_FLAG = "--multi-device"
+if MULTI_DEVICE_FLAG in sys.argv and "--xla_force_host_platform_device_count" not in (
+    os.environ.get("XLA_FLAGS", "")
+):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
         + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
@@ -891,6 +899,33 @@ PARTS: dict[str, Callable[[Sizes], dict]] = {
     "input": bench_input,
     "guard": bench_guard,
 }
+# The parts whose programs split settings over the devices: on a CPU host they run in a child
+# process with one device per core (see MULTI_DEVICE_FLAG).
+MULTI_DEVICE_PARTS = ("sweep", "guard")
+
+
+def _multi_device_child(parts: Sequence[str], mode: str) -> dict:
+    """Runs ``parts`` in a child process with one JAX device per CPU core.
+
+    Args:
+      parts: names from :data:`MULTI_DEVICE_PARTS`.
+      mode: ``"full"``, ``"quick"`` or ``"gpu"``.
+
+    Returns:
+      The child's results (its JSON file).
+    """
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "parts.json")
+        cmd = [sys.executable, os.path.abspath(__file__), MULTI_DEVICE_FLAG, "--quiet"]
+        cmd += ["--only", ",".join(parts), "--out", out]
+        if mode != "full":
+            cmd.append(f"--{mode}")
+        subprocess.run(cmd, check=True)
+        with open(out) as f:
+            return json.load(f)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -914,6 +949,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="steps,sweep,input,guard",
         help="comma-separated parts to run: steps (1 and 2), sweep (3), input (4), guard (5)",
     )
+    # Internal: the child process of the multi-device parts, which prints no report.
+    parser.add_argument(MULTI_DEVICE_FLAG, action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     name = "quick" if args.quick else "gpu" if args.gpu else "full"
     sz = SIZES[name]
@@ -922,27 +960,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
     res: dict[str, Any] = {"mode": name, "sizes": dataclasses.asdict(sz), "machine": machine_info()}
     t0 = time.perf_counter()
-    for part, fn in (
-        ("steps", bench_steps),
-        ("sweep", bench_sweep),
-        ("input", bench_input),
-        ("guard", bench_guard),
-    ):
-        if part in parts:
+    # On a CPU host with several cores the sweep's parts go to a child with one device per
+    # core, after the single-device parts here (the two processes never run at once).
+    cpu_host = jax.default_backend() == "cpu" and (os.cpu_count() or 1) > 1
+    child = (
+        [p for p in MULTI_DEVICE_PARTS if p in parts] if cpu_host and not args.multi_device else []
+    )
+    for part, fn in PARTS.items():
+        if part in parts and part not in child:
             t = time.perf_counter()
             res[part] = fn(sz)
             print(f"[{part} done in {time.perf_counter() - t:.0f} s]", file=sys.stderr, flush=True)
+    if child:
+        t = time.perf_counter()
+        sub = _multi_device_child(child, name)
+        res.update({p: sub[p] for p in child})
+        res["machine"]["devices_sweep_parts"] = sub["machine"]["devices"]
+        WARMUP.update(sub["warmup_s"])
+        took = time.perf_counter() - t
+        print(f"[{', '.join(child)} done in {took:.0f} s, one device per core]", file=sys.stderr)
     res["machine"]["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["seconds"] = time.perf_counter() - t0
     res["warmup_s"] = dict(WARMUP)
-    res["targets"] = report(res)
-    print(
-        f"\ntotal {res['seconds']:.0f} s (first calls, mostly compiling:"
-        f" {sum(WARMUP.values()):.0f} s); load avg at end {res['machine']['load_avg_end']}"
-    )
+    if not args.quiet:
+        res["targets"] = report(res)
+        print(
+            f"\ntotal {res['seconds']:.0f} s (first calls, mostly compiling:"
+            f" {sum(WARMUP.values()):.0f} s); load avg at end {res['machine']['load_avg_end']}"
+        )
     with open(args.out, "w") as f:
         json.dump(res, f, indent=2, default=str)
-    print(f"wrote {args.out}")
+    if not args.quiet:
+        print(f"wrote {args.out}")
     return 0
 
 
