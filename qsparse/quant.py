@@ -214,6 +214,27 @@ def _codes(x, bits, zero_level: bool):
     return codes, inside
 
 
+def _residual(x, bits, zero_level: bool):
+    """``codes - x`` where the straight-through gradient passes, the code elsewhere: the LSQ
+    step gradient's factor, equal element for element to ``codes - where(inside, x, 0)`` from
+    :func:`_codes`, with fewer operations per element (the backward pass that sums it is
+    compute-bound: 0.30 -> 0.24 ms for a 1024x1024 kernel in cache; in the bench's step,
+    paired, pruning and fine-tuning 0.98-0.99 of before at batch 128, prox unchanged).
+
+    Returns:
+      ``(r, inside)``. Inside the range the clip is the identity, so the code is the rounded
+      ``x``; outside it every quantizer's code is ``+-lim`` (``n`` or, binary, ``1``).
+    """
+    n = weight_levels(bits, zero_level)
+    binary = bits <= 1
+    lim = jnp.where(binary, 1.0, n)
+    inside = jnp.abs(x) <= lim
+    pos = x >= 0
+    multi = jnp.round(x) if zero_level else jnp.round(x - 0.5) + 0.5
+    code_in = jnp.where(binary, jnp.where(pos, 1.0, -1.0), multi)
+    return jnp.where(inside, code_in - x, jnp.where(pos, lim, -lim)), inside
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fake_quant(w, s, bits, zero_level: bool):
     """``codes(w / s) * s`` with exact zeros kept and ``bits >= 32`` passing ``w`` through.
@@ -242,10 +263,10 @@ def _fake_quant_bwd(zero_level, res, g):
     # share (and materialize) one full-size w / s between the passes; each pass recomputes
     # it inside its own fused loop.
     x = w * (1.0 / s)
-    codes, inside = _codes(x, bits, zero_level)
+    r, inside = _residual(x, bits, zero_level)
     full = bits >= FULL_PRECISION
     live = (w != 0) & ~full
-    ds = jnp.where(live, g * (codes - jnp.where(inside, x, 0.0)), 0.0)
+    ds = jnp.where(live, g * r, 0.0)
     # s is a scalar or one step per output channel (last axis): sum over the rest. The first
     # levels of a tree of slice additions fuse with the product above into one loop (a
     # reduce op would write the full-size product out and read it back; see

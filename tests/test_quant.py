@@ -199,3 +199,23 @@ def test_activation_quantizer_keeps_its_scaled_input_in_the_loops():
     hlo = jax.jit(jax.grad(layer, argnums=(0, 1))).lower(x, 2.0).compile().as_text()
     assert re.findall(r"= f32\[64,96\]\S* fusion\(", hlo), "no fused loop found"
     assert not re.findall(r"ROOT %\S+ = f32\[64,96\]\S* divide\(", hlo)
+
+
+@pytest.mark.parametrize("zero_level", [True, False])
+def test_lsq_residual_equals_the_codes_expression(zero_level):
+    # The backward pass's cheaper form must agree element for element, at every bit width,
+    # on values inside, outside and on the edges of each quantizer's range, signed zeros too.
+    from qsparse.quant import _codes, _residual
+
+    x = jnp.concatenate(
+        [
+            jnp.linspace(-300.0, 300.0, 4001),
+            jnp.array([0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 1.5, -1.5, 127.0, -127.5, 127.5]),
+        ]
+    )
+    for bits in (1, 2, 3, 4, 8, 32):
+        b = jnp.float32(bits)
+        codes, inside = _codes(x, b, zero_level)
+        r, inside2 = _residual(x, b, zero_level)
+        np.testing.assert_array_equal(inside, inside2)
+        np.testing.assert_array_equal(r, codes - jnp.where(inside, x, 0.0))
