@@ -65,7 +65,7 @@ from typing import Any
 # the default single device, as experiments.train runs. With two host devices on a 2-core VM,
 # single-device programs ran at one of two speeds, switching even within a process (a small
 # MLP's one-after-another sweep: 0.65-0.72 or 1.05-1.15 ms per setting-step, the slow one in
-# 11 of 19 processes at some point; with one device 0.65-0.72 in all of 11).
+# 13 of 23 processes at some point; with one device 0.65-0.72 in all of 11).
 MULTI_DEVICE_FLAG = "--multi-device"
 if MULTI_DEVICE_FLAG in sys.argv and "--xla_force_host_platform_device_count" not in (
     os.environ.get("XLA_FLAGS", "")
