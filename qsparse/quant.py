@@ -194,6 +194,11 @@ def quantize_weight(
     return _fake_quant(w, s, jnp.asarray(bits, jnp.float32), zero_level)
 
 
+def _level(x, zero_level: bool):
+    """The nearest level to ``x`` (already in range): an integer, or mid-rise a half-integer."""
+    return jnp.round(x) if zero_level else jnp.round(x - 0.5) + 0.5
+
+
 def _codes(x, bits, zero_level: bool):
     """Integer codes (as floats) of ``x = w / s``.
 
@@ -202,10 +207,7 @@ def _codes(x, bits, zero_level: bool):
     """
     n = weight_levels(bits, zero_level)
     binary = bits <= 1
-    if zero_level:
-        multi = jnp.round(jnp.clip(x, -n, n))
-    else:
-        multi = jnp.round(jnp.clip(x, -n, n) - 0.5) + 0.5
+    multi = _level(jnp.clip(x, -n, n), zero_level)
     return jnp.where(binary, jnp.where(x >= 0, 1.0, -1.0), multi)
 
 
@@ -227,8 +229,7 @@ def _residual(x, bits, zero_level: bool):
     lim = jnp.where(binary, 1.0, n)
     inside = jnp.abs(x) <= lim
     pos = x >= 0
-    multi = jnp.round(x) if zero_level else jnp.round(x - 0.5) + 0.5
-    code_in = jnp.where(binary, jnp.where(pos, 1.0, -1.0), multi)
+    code_in = jnp.where(binary, jnp.where(pos, 1.0, -1.0), _level(x, zero_level))
     return jnp.where(inside, code_in - x, jnp.where(pos, lim, -lim)), inside
 
 
