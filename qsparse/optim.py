@@ -19,7 +19,7 @@ path of their keys (``"params/Dense_0/kernel"``); ``block_shapes`` maps such pat
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -47,6 +47,44 @@ def path_str(key_path) -> str:
         else:
             parts.append(str(k))
     return "/".join(parts)
+
+
+class ParamsTransformation(NamedTuple):
+    """An optax transform that can also hand back the new parameters themselves.
+
+    ``init`` and ``update`` are those of an ``optax.GradientTransformation`` (it works
+    wherever one does); ``apply(grads, state, params) -> (new_params, new_state)`` skips
+    the ``params + (new - params)`` of ``optax.apply_updates``: one pass less over every
+    parameter per step, and no float rounding in between.
+
+    Attributes:
+      init: ``params -> state``.
+      update: ``(grads, state, params) -> (updates, state)``.
+      apply: ``(grads, state, params) -> (new_params, state)``.
+    """
+
+    init: Callable
+    update: Callable
+    apply: Callable
+
+
+def apply_step(tx, grads, state, params):
+    """One optimizer step: the new parameters and state.
+
+    Args:
+      tx: an ``optax.GradientTransformation`` or a :class:`ParamsTransformation`.
+      grads: the gradients.
+      state: the optimizer state.
+      params: the parameters.
+
+    Returns:
+      ``(new_params, new_state)``: ``tx.apply`` where the transform has it, else
+      ``optax.apply_updates(params, updates)`` after ``tx.update``.
+    """
+    if isinstance(tx, ParamsTransformation):
+        return tx.apply(grads, state, params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
 
 
 def _check_paths(params, block_shapes: Mapping[str, Any]):
@@ -596,17 +634,22 @@ def block_sparse_adam(
     frequency: int = 100,
     balanced: bool = False,
     scope: str = "layer",
-) -> optax.GradientTransformation:
+) -> ParamsTransformation:
     """:func:`block_sparse_chain` around Adam(W), fused into one transform for speed.
 
     The same algorithm as ``block_sparse_chain(optax.adamw(lr, b1, b2, eps, weight_decay,
     mask=decay_mask), ...)`` (``optax.adam`` when ``weight_decay`` is 0), equal up to float
     rounding; what differs is what XLA has to keep in memory. In the chain, the Adam update
     is an array that the prox's branch takes as an operand, so it is written out in full,
-    scaled in a second pass and read again by the prox and the final update. Here the branch
-    takes the parameters and the new moments (kept anyway as the state) and recomputes the
-    update inside its own block-norm reduction, so outside the branch the whole step of a
-    kernel is one fused loop over ``params, mu, nu``, as in plain Adam.
+    scaled in a second pass and read again by the prox and the final update. Here each
+    parameter's whole Adam step is one fused loop over ``params, mu, nu`` that writes the new
+    weights (on the kept blocks), as in plain Adam; in the prox phase a branch per kernel then
+    shrinks those new weights from their own block norms.
+
+    Its :meth:`ParamsTransformation.apply` returns the new parameters themselves; ``update``
+    returns ``new - params`` for optax's ``apply_updates``, which adds ``params`` back in one
+    more pass over every parameter (and equals the new parameters up to float rounding).
+    :func:`apply_step` takes whichever the transform offers.
 
     Args:
       learning_rate: a value or a schedule ``count -> value`` (the count before this step).
@@ -627,8 +670,8 @@ def block_sparse_adam(
       scope: ``"layer"`` or ``"global"``.
 
     Returns:
-      An ``optax.GradientTransformation`` with :class:`BlockSparseAdamState`; ``update`` needs
-      params.
+      A :class:`ParamsTransformation` with :class:`BlockSparseAdamState`; ``update`` and
+      ``apply`` need params.
     """
     _check_schedule(compression, begin, end, frequency)
 
@@ -642,9 +685,9 @@ def block_sparse_adam(
         )
         return BlockSparseAdamState(adam=adam, masks=_ones_masks(params, block_shapes))
 
-    def update_fn(grads, state, params=None):
+    def apply_fn(grads, state, params=None):
         if params is None:
-            raise ValueError("block_sparse_adam needs params: call update(g, s, params)")
+            raise ValueError("block_sparse_adam needs params: call apply(g, s, params)")
         count = state.adam.count
         masks = state.masks
 
@@ -667,54 +710,52 @@ def block_sparse_adam(
         else:
             decays = jax.tree.map(lambda _: bool(weight_decay), params)
         flat_decay = _by_path(decays)
-
-        def adam_step(path, p, m, v):
-            d = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
-            if flat_decay[path]:
-                d = d + weight_decay * p
-            return -lr_t * d
-
-        active = count < begin
-        threshold = prox_strength(count) if callable(prox_strength) else prox_strength
-
-        # Operands: params and the new moments, never the full-size update (see above). One
-        # branch per kernel, so a kernel's update waits for its own moments only and can run
-        # beside the matmuls of the layers below (one branch over all kernels held every
-        # update back until the last layer's gradient).
-        def factor(k, bs):
-            def prox(p, m, v):
-                step = adam_step(k, p, m, v)
-                return jnp.where(active, sparsity.prox_block_factor(p + step, bs, threshold), 1.0)
-
-            return prox
-
-        flat_p, flat_mu, flat_nu = _by_path(params), _by_path(mu), _by_path(nu)
-        ones = {k: jnp.ones(_grid(flat_p[k], bs)) for k, bs in block_shapes.items()}
-        prox_on = any_setting(active)
-        f = {
-            k: jax.lax.cond(
-                prox_on,
-                factor(k, bs),
-                lambda *_, o=ones[k]: o,
-                flat_p[k],
-                flat_mu[k],
-                flat_nu[k],
-            )
-            for k, bs in block_shapes.items()
-        }
         new_masks = _scheduled_masks(
             params, masks, count, block_shapes, compression,
             begin=begin, end=end, frequency=frequency, balanced=balanced, scope=scope,
         )  # fmt: skip
 
-        def one(kp, p, m, v, mk):
-            path = path_str(kp)
-            keep = mk * f[path] if path in f else mk
-            new = (p + adam_step(path, p, m, v)) * expand_mask(keep.astype(p.dtype), p)
-            return new.astype(p.dtype) - p
+        # The whole Adam step of a parameter is one fused loop over params, mu and nu, as in
+        # plain Adam, landing on the kept blocks.
+        def adam_step(kp, p, m, v, mk):
+            d = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
+            if flat_decay[path_str(kp)]:
+                d = d + weight_decay * p
+            return ((p - lr_t * d) * expand_mask(mk.astype(p.dtype), p)).astype(p.dtype)
 
-        updates = jax.tree_util.tree_map_with_path(one, params, mu, nu, new_masks)
+        stepped = jax.tree_util.tree_map_with_path(adam_step, params, mu, nu, new_masks)
+
+        # The prox shrinks those new weights block by block. It is one branch per kernel
+        # (lax.cond on any_setting: skipped after the prox phase, also under vmap) that takes
+        # the new weights and returns them shrunk, or unchanged (no copy) when skipped. Its
+        # block norms then read one array, where norms of params + update recomputed the Adam
+        # step from three; the new weights are written anyway, as the parameters.
+        active = count < begin
+        threshold = prox_strength(count) if callable(prox_strength) else prox_strength
+
+        def shrink(bs):
+            def prox(w):
+                f = jnp.where(active, sparsity.prox_block_factor(w, bs, threshold), 1.0)
+                return w * expand_mask(f.astype(w.dtype), w)
+
+            return prox
+
+        prox_on = any_setting(active)
+        flat = _by_path(stepped)
+        shrunk = {
+            k: jax.lax.cond(prox_on, shrink(bs), lambda w: w, flat[k])
+            for k, bs in block_shapes.items()
+        }
+        new_params = jax.tree_util.tree_map_with_path(
+            lambda kp, w: shrunk.get(path_str(kp), w), stepped
+        )
         adam = optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
-        return updates, BlockSparseAdamState(adam=adam, masks=new_masks)
+        return new_params, BlockSparseAdamState(adam=adam, masks=new_masks)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    def update_fn(grads, state, params=None):
+        if params is None:
+            raise ValueError("block_sparse_adam needs params: call update(g, s, params)")
+        new_params, state = apply_fn(grads, state, params)
+        return jax.tree.map(lambda n, p: n - p, new_params, params), state
+
+    return ParamsTransformation(init_fn, update_fn, apply_fn)

@@ -267,8 +267,7 @@ def make_train_step(model: nn.Module, plan: Plan, sched: Schedule, *, guard: boo
             state.params, spec, x, y, teacher
         )
         tx = make_optimizer(plan, sched, spec)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = optim.apply_step(tx, grads, state.opt_state, state.params)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {"loss": loss, "accuracy": acc}
         if guard:

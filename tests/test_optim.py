@@ -26,13 +26,15 @@ def loss(p, x):
 X = jax.random.normal(jax.random.key(9), (32, 16))
 
 
-def run(tx, steps, params=None):
+def run(tx, steps, params=None, *, direct=False):
     params = make_params() if params is None else params
     state = tx.init(params)
 
     @jax.jit
     def step(p, s):
         g = jax.grad(loss)(p, X)
+        if direct:  # the new parameters as the transform hands them back
+            return optim.apply_step(tx, g, s, p)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 
@@ -233,9 +235,9 @@ def test_fused_adam_equals_the_chain_through_all_phases(weight_decay):
     )
     p_c, s_c = run(chain, 8)
     assert (block_norms(p_c["a"]["kernel"], (4, 4)) == 0).any()  # the prox zeroed blocks
-    for steps in (8, 30):
+    for steps, direct in ((8, False), (8, True), (30, False), (30, True)):
         p_c, s_c = run(chain, steps)
-        p_f, s_f = run(fused, steps)
+        p_f, s_f = run(fused, steps, direct=direct)
         for a, b in zip(jax.tree.leaves(p_c), jax.tree.leaves(p_f)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
         for a, b in zip(jax.tree.leaves(optim.find_masks(s_c)), jax.tree.leaves(s_f.masks)):
@@ -272,3 +274,30 @@ def test_fused_adam_prox_branch_skipped_after_begin_and_under_vmap():
     np.testing.assert_array_equal(ks[0], ks[1])  # begin=0: no prox step at all
     with pytest.raises(ValueError, match="begin"):
         optim.block_sparse_adam(1e-2, SHAPES, 2.0, begin=5, end=1)
+
+
+def test_apply_step_returns_the_new_parameters():
+    # block_sparse_adam hands back the new parameters (apply); its update is new - params, so
+    # optax's params + update lands on them up to rounding. Other transforms go through
+    # update + apply_updates.
+    fused = optim.block_sparse_adam(1e-1, SHAPES, 2.0, prox_strength=4.5, begin=5, end=8)
+    assert isinstance(fused, optim.ParamsTransformation)
+    params = make_params()
+    g = jax.grad(loss)(params, X)
+    state = fused.init(params)
+    new, s_new = optim.apply_step(fused, g, state, params)
+    u, s_upd = fused.update(g, state, params)
+    via_update = optax.apply_updates(params, u)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(via_update)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(s_new), jax.tree.leaves(s_upd)):
+        np.testing.assert_array_equal(a, b)
+    kernel = np.asarray(new["a"]["kernel"])
+    zeroed = np.asarray(block_norms(kernel, (4, 4))) == 0
+    assert zeroed.any() and not zeroed.all()  # the prox zeroed some blocks, shrank the rest
+    assert not np.array_equal(kernel, np.asarray(params["a"]["kernel"]))
+    sgd = optax.sgd(0.5)
+    new_sgd, _ = optim.apply_step(sgd, g, sgd.init(params), params)
+    np.testing.assert_allclose(
+        new_sgd["a"]["kernel"], params["a"]["kernel"] - 0.5 * g["a"]["kernel"], rtol=1e-6
+    )
