@@ -299,7 +299,22 @@ def rules_from_config(config, names: list[str]) -> list[wrap.Rule]:
     """
     q = config.quant
     rules = []
-    for name, st in _layer_settings(config, names).items():
+    settings = _layer_settings(config, names)
+    prev: dict | None = None
+    for name, st in settings.items():
+        # int_matmul where the layer is a Dense fed by a quantized Dense (wrap.make_plan checks
+        # the model really feeds it that output) and the bits fit in bfloat16.
+        dense = name.split("/")[-1].startswith("Dense")
+        int_matmul = bool(
+            q.get("int_matmul", False)
+            and q.scale_mode == "learned"
+            and dense
+            and prev is not None
+            and prev["dense"]
+            and prev["a_bits"] <= wrap.INT_MATMUL_MAX_BITS
+            and st["w_bits"] <= wrap.INT_MATMUL_MAX_BITS
+        )
+        prev = {"dense": dense, "a_bits": st["a_bits"]}
         rules.append(
             wrap.Rule(
                 pattern=name,
@@ -312,6 +327,7 @@ def rules_from_config(config, names: list[str]) -> list[wrap.Rule]:
                 zero_level=q.zero_level,
                 act_clip=q.act_clip,
                 learn_clip=q.learn_clip,
+                int_matmul=int_matmul,
             )
         )
     return rules

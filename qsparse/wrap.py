@@ -34,6 +34,7 @@ from qsparse import memory as mem
 from qsparse import quant, sparsity
 
 LAYER_TYPES = (nn.Dense, nn.Conv)
+INT_MATMUL_MAX_BITS = 8  # integer codes of up to 8 bits are exact in bfloat16
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -53,6 +54,12 @@ class Rule:
         ``None`` (default): every layer but the last one executed (the logits).
       act_clip: initial activation clip level.
       learn_clip: train the clip (PACT); otherwise it stays at ``act_clip``.
+      int_matmul: run the layer's forward matmul on the integer codes of its weights and of
+        its input (:func:`qsparse.quant.int_matmul`: bfloat16 with float32 sums, exact). For a
+        ``nn.Dense`` whose input is the previous layer's quantized output through a ReLU
+        (:func:`make_plan` checks it), with a learned step; its ``w_bits`` and the previous
+        layer's ``a_bits`` must stay at most 8 in every setting (:meth:`Plan.init_spec`
+        refuses more).
     """
 
     pattern: str
@@ -66,6 +73,7 @@ class Rule:
     quantize_output: bool | None = None
     act_clip: float = 4.0
     learn_clip: bool = False
+    int_matmul: bool = False
 
     def __post_init__(self):
         try:
@@ -83,6 +91,16 @@ class Rule:
             )
         if self.act_clip <= 0:
             raise ValueError(f"act_clip={self.act_clip} is not allowed: use a value > 0")
+        if self.int_matmul and self.scale_mode != "learned":
+            raise ValueError(
+                f"int_matmul with scale_mode={self.scale_mode!r} is not allowed: it needs"
+                f" scale_mode='learned' (rule {self.pattern!r})"
+            )
+        if self.int_matmul and self.w_bits > INT_MATMUL_MAX_BITS:
+            raise ValueError(
+                f"int_matmul with w_bits={self.w_bits} is not allowed: use w_bits <="
+                f" {INT_MATMUL_MAX_BITS} (rule {self.pattern!r})"
+            )
         if self.block_shape is None and self.compression != 1:
             raise ValueError(
                 f"compression={self.compression} needs block_shape (rule {self.pattern!r})"
@@ -103,6 +121,7 @@ class LayerPlan:
       out_size: values in the layer's output (batch 1).
       order: execution order.
       act_quantized: whether the output goes through the activation quantizer.
+      int_input: with ``int_matmul``, the layer whose quantized output is this layer's input.
     """
 
     name: str
@@ -114,6 +133,7 @@ class LayerPlan:
     out_size: int
     order: int
     act_quantized: bool
+    int_input: str | None = None
 
     @property
     def block_grid(self) -> tuple[int, int] | None:
@@ -133,6 +153,14 @@ def module_path(module: nn.Module) -> str:
       The path string.
     """
     return "/".join(str(p) for p in module.path)
+
+
+def _concrete(x) -> float | None:
+    """``x`` as a Python float, or None when it is traced (inside ``jit`` or ``vmap``)."""
+    try:
+        return float(x)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 def _get(tree, path):
@@ -196,6 +224,16 @@ class Plan:
             quant.check_bits(vals["a_bits"], f"{name}.a_bits")
             sparsity.check_compression(vals["compression"], f"{name}.compression")
             spec[name] = {k: jnp.asarray(v, jnp.float32) for k, v in vals.items()}
+        for name, lp in self.layers.items():
+            if lp.int_input is None:
+                continue
+            for layer, key in ((name, "w_bits"), (lp.int_input, "a_bits")):
+                value = _concrete(spec[layer][key])
+                if value is not None and value > INT_MATMUL_MAX_BITS:
+                    raise ValueError(
+                        f"{layer}.{key}={value:g} is not allowed: {name} runs int_matmul on it;"
+                        f" use <= {INT_MATMUL_MAX_BITS}"
+                    )
         return spec
 
     def init_qparams(self, params, spec) -> dict:
@@ -278,11 +316,24 @@ class Plan:
         layers = self.layers
 
         def interceptor(next_fun, args, kw, context):
-            y = next_fun(*args, **kw)
             mod = context.module
             if context.method_name != "__call__" or not isinstance(mod, LAYER_TYPES):
-                return y
+                return next_fun(*args, **kw)
             lp = layers.get(module_path(mod))
+            if lp is not None and lp.int_input is not None:
+                src = lp.int_input
+                layer = _get(qp, lp.param_path)
+                y = quant.int_matmul(
+                    args[0],
+                    layer["kernel"],
+                    spec[src]["a_bits"],
+                    qparams[src]["a_clip"],
+                    qparams[lp.name]["w_step"],
+                )
+                if "bias" in layer:
+                    y = y + layer["bias"]
+            else:
+                y = next_fun(*args, **kw)
             if lp is None or not lp.act_quantized:
                 return y
             clip = qparams[lp.name]["a_clip"]
@@ -445,8 +496,67 @@ def make_plan(model: nn.Module, rules: Sequence[Rule], sample_input, **apply_kwa
             raise ValueError(
                 f"rule pattern={r.pattern!r} matches no layer: layers are {[s[0] for s in seen]}"
             )
+    wanted = [lp.name for lp in layers.values() if lp.rule.int_matmul]
+    if wanted:
+        calls = [s[0] for s in seen]
+        for name in wanted:
+            src = _int_input(model, name, calls, layers, sample_input, apply_kwargs)
+            layers[name] = dataclasses.replace(layers[name], int_input=src)
     in_size = int(np.prod(sample_input.shape[1:]))
     return Plan(layers=layers, input_size=in_size)
+
+
+def _int_input(model, name, calls, layers, sample_input, apply_kwargs) -> str:
+    """The layer whose quantized output feeds ``name``, checked for ``int_matmul``.
+
+    The input must be the previous layer's output through a ReLU (the activation quantizer's
+    output passes a ReLU unchanged), which a concrete run on random data checks exactly: any
+    other operation in between (a residual sum, a normalization, average pooling) changes
+    the values, and the codes would not come back.
+
+    Raises:
+      ValueError: one line naming the layer and what ``int_matmul`` needs.
+    """
+    need = "int_matmul needs a Dense layer whose input is the previous layer's quantized output"
+    at = calls.index(name)
+    if calls.count(name) > 1 or at == 0:
+        why = "it is called more than once" if calls.count(name) > 1 else "it is the first layer"
+        raise ValueError(f"int_matmul on {name} is not allowed: {why}; {need}")
+    src = layers[calls[at - 1]]
+    if not src.act_quantized or src.rule.a_bits > INT_MATMUL_MAX_BITS:
+        raise ValueError(
+            f"int_matmul on {name} is not allowed: its input layer {src.name} has"
+            f" a_bits={src.rule.a_bits:g}, quantize_output={src.act_quantized};"
+            f" {need} with a_bits <= {INT_MATMUL_MAX_BITS}"
+        )
+    seen = {}
+
+    def recorder(next_fun, args, kw, context):
+        y = next_fun(*args, **kw)
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, LAYER_TYPES):
+            seen[module_path(mod)] = (mod, args[0], y)
+        return y
+
+    shape = (2, *tuple(sample_input.shape)[1:])
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    variables = model.init(jax.random.key(0), x, **apply_kwargs)
+    with nn.intercept_methods(recorder):
+        model.apply(variables, x, **apply_kwargs)
+    mod, inp, _ = seen[name]
+    default = mod.dtype in (None, jnp.float32) and mod.precision is None
+    if type(mod) is not nn.Dense or not default or mod.dot_general is not None:
+        raise ValueError(
+            f"int_matmul on {name} is not allowed: it is a {type(mod).__name__} with"
+            f" dtype={mod.dtype}, precision={mod.precision}; {need} (plain nn.Dense)"
+        )
+    out = jax.nn.relu(seen[src.name][2])
+    if out.size != inp.size or not np.array_equal(np.asarray(out).reshape(inp.shape), inp):
+        raise ValueError(
+            f"int_matmul on {name} is not allowed: its input is not the ReLU of {src.name}'s"
+            f" output (the model computes something else in between); {need}"
+        )
+    return src.name
 
 
 def stack_specs(specs: Sequence[Mapping[str, Any]]):

@@ -301,12 +301,14 @@ def plain_setup(hidden, sample_x):
 
 def joint_plan(model: nn.Module, sample_x, **overrides):
     """The joint setting on every layer: 2-bit weights and activations, 4X blocks (8,8) on
-    hidden layers and (8,2) on the logits layer, learned weight steps and clips."""
+    hidden layers and (8,2) on the logits layer, learned weight steps and clips, and (as
+    ``configs/joint.py``) the forward matmuls after the first layer on integer codes."""
     common = dict(w_bits=2, a_bits=2, compression=4, scale_mode="learned", learn_clip=True)
     last = f"Dense_{len(model.hidden)}"
     rules = [
-        wrap.Rule(pattern=last, block_shape=(8, 2), **common),
-        wrap.Rule(pattern=".*", block_shape=(8, 8), **common),
+        wrap.Rule(pattern="Dense_0", block_shape=(8, 8), **common),
+        wrap.Rule(pattern=last, block_shape=(8, 2), int_matmul=True, **common),
+        wrap.Rule(pattern=".*", block_shape=(8, 8), int_matmul=True, **common),
     ]
     plan = wrap.make_plan(model, rules, sample_x[:1])
     spec = training.make_spec(

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qsparse import quant
 from qsparse.quant import quantize_activation, quantize_weight, weight_step
 
 W = jax.random.normal(jax.random.key(0), (64, 48))
@@ -220,3 +221,32 @@ def test_lsq_residual_equals_the_codes_expression(zero_level):
         r, inside2 = _residual(x, b, zero_level)
         np.testing.assert_array_equal(inside, inside2)
         np.testing.assert_array_equal(r, _codes(x, b, zero_level) - jnp.where(inside, x, 0.0))
+
+
+@pytest.mark.parametrize("zero_level", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int_matmul_is_the_product_of_the_quantized_operands(zero_level, per_channel):
+    k = jax.random.split(jax.random.key(3), 2)
+    y = 2.0 * jax.random.normal(k[0], (3, 5, 64))  # leading dims, as a Dense layer sees them
+    w = jax.random.normal(k[1], (64, 12))
+    step = jnp.linspace(0.1, 0.4, 12) if per_channel else jnp.asarray(0.3)
+    for a_bits, w_bits in ((1, 1), (2, 2), (3, 4), (8, 8)):
+        x = jax.nn.relu(quant.quantize_activation(y, a_bits, 1.7))
+        wq = quant.quantize_weight(
+            w,
+            w_bits,
+            scale_mode="learned",
+            step=step,
+            zero_level=zero_level,
+            per_channel=per_channel,
+        )
+        got = np.asarray(quant.int_matmul(x, wq, a_bits, 1.7, step), np.float64)
+        exact = np.asarray(x, np.float64) @ np.asarray(wq, np.float64)
+        # Integer sums are exact: only the final scaling rounds, to float32.
+        np.testing.assert_allclose(got, exact, rtol=2e-7, atol=1e-6)
+        dx, dw = jax.grad(
+            lambda x, wq, b=a_bits: jnp.sum(jnp.cos(quant.int_matmul(x, wq, b, 1.7, step))), (0, 1)
+        )(x, wq)
+        ex, ew = jax.grad(lambda x, wq: jnp.sum(jnp.cos(x @ wq)), (0, 1))(x, wq)
+        np.testing.assert_allclose(dx, ex, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dw, ew, rtol=1e-4, atol=1e-5)

@@ -105,3 +105,109 @@ def test_memory_counts_unmatched_layers_and_spec_overrides():
         plan.init_spec(w_bits=0)
     with pytest.raises(ValueError, match="compression"):
         plan.init_spec(compression=0.5)
+
+
+class Residual(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        h = nn.relu(nn.Dense(16)(x))
+        return nn.Dense(10)(h + 0.5)  # not the previous layer's output
+
+
+class ConvAfterDense(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(64)(x.reshape((x.shape[0], -1))))
+        x = nn.relu(nn.Conv(4, (3, 3))(x.reshape((x.shape[0], 8, 8, 1))))
+        return nn.Dense(10)(x.reshape((x.shape[0], -1)))
+
+
+def _int_plans(model, int_rules):
+    common = dict(w_bits=2, a_bits=2, scale_mode="learned", act_clip=1.0)
+    ref = wrap.make_plan(model, [wrap.Rule(pattern=".*", **common)], X)
+    fast = wrap.make_plan(model, [r(common) for r in int_rules], X)
+    return ref, fast
+
+
+def test_int_matmul_matches_the_float_layer_and_runs_in_bfloat16():
+    model = models.MLP(hidden=(32, 16))
+    ref, fast = _int_plans(
+        model,
+        [
+            lambda c: wrap.Rule(pattern="Dense_0", **c),
+            lambda c: wrap.Rule(pattern=".*", int_matmul=True, **c),
+        ],
+    )
+    assert {k: lp.int_input for k, lp in fast.layers.items()} == {
+        "Dense_0": None,
+        "Dense_1": "Dense_0",
+        "Dense_2": "Dense_1",
+    }
+    params = model.init(jax.random.key(0), X)["params"]
+    x = jax.random.normal(jax.random.key(1), (6, 8, 8, 1))
+    for bits in (1, 2, 4, 8):
+        spec = fast.init_spec(w_bits=bits, a_bits=bits)
+        qp = fast.init_qparams(params, spec)
+
+        def loss(p, q, plan, spec=spec):
+            return jnp.sum(jnp.sin(plan.apply(model, p, q, spec, x)))
+
+        np.testing.assert_allclose(
+            fast.apply(model, params, qp, spec, x),
+            ref.apply(model, params, qp, spec, x),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        g_fast = jax.grad(loss, (0, 1))(params, qp, fast)
+        g_ref = jax.grad(loss, (0, 1))(params, qp, ref)
+        for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    hlo = jax.jit(lambda p: fast.apply(model, p, qp, spec, x)).lower(params).as_text()
+    assert hlo.count("bf16") > 0
+    assert "bf16" not in jax.jit(lambda p: ref.apply(model, p, qp, spec, x)).lower(params).as_text()
+
+
+def test_int_matmul_refuses_what_it_cannot_make_exact():
+    common = dict(w_bits=2, a_bits=2, scale_mode="learned")
+    with pytest.raises(ValueError, match="Dense_0 is not allowed: it is the first layer"):
+        wrap.make_plan(
+            models.MLP(hidden=(16,)), [wrap.Rule(pattern=".*", int_matmul=True, **common)], X
+        )
+    with pytest.raises(ValueError, match="not the ReLU of Dense_0's output"):
+        wrap.make_plan(
+            Residual(),
+            [
+                wrap.Rule(pattern="Dense_1", int_matmul=True, **common),
+                wrap.Rule(pattern=".*", **common),
+            ],
+            X,
+        )
+    with pytest.raises(ValueError, match="it is a Conv"):
+        wrap.make_plan(
+            ConvAfterDense(),
+            [
+                wrap.Rule(pattern="Conv_0", int_matmul=True, **common),
+                wrap.Rule(pattern=".*", **common),
+            ],
+            X,
+        )
+    with pytest.raises(ValueError, match="scale_mode='max' is not allowed"):
+        wrap.Rule(pattern=".*", int_matmul=True, w_bits=2, scale_mode="max")
+    with pytest.raises(ValueError, match="w_bits=32 is not allowed"):
+        wrap.Rule(pattern=".*", int_matmul=True, w_bits=32, scale_mode="learned")
+    model = models.MLP(hidden=(16,))
+    plan = wrap.make_plan(
+        model,
+        [
+            wrap.Rule(pattern="Dense_0", **common),
+            wrap.Rule(pattern="Dense_1", int_matmul=True, **common),
+        ],
+        X,
+    )
+    with pytest.raises(
+        ValueError, match="Dense_0.a_bits=32 is not allowed: Dense_1 runs int_matmul"
+    ):
+        plan.init_spec(a_bits=32)
+    with pytest.raises(ValueError, match="Dense_1.w_bits=16 is not allowed"):
+        plan.init_spec(w_bits=16)
