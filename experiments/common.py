@@ -287,6 +287,11 @@ def _layer_settings(config, names: list[str]) -> dict[str, dict]:
     return out
 
 
+# Every data set is uint8 and reaches the model through qdata.normalize (x / 255): the model's
+# input is on the 8-bit grid, so a first Dense layer can multiply its integer codes.
+DATA_INPUT_BITS = 8
+
+
 def rules_from_config(config, names: list[str]) -> list[wrap.Rule]:
     """One rule per layer (exact names) from the config.
 
@@ -302,16 +307,16 @@ def rules_from_config(config, names: list[str]) -> list[wrap.Rule]:
     settings = _layer_settings(config, names)
     prev: dict | None = None
     for name, st in settings.items():
-        # int_matmul where the layer is a Dense fed by a quantized Dense (wrap.make_plan checks
-        # the model really feeds it that output) and the bits fit in bfloat16.
+        # int_matmul where the layer is a Dense fed by a quantized Dense or by the data (uint8
+        # / 255: DATA_INPUT_BITS; wrap.make_plan checks the model really feeds it that) and the
+        # bits fit in bfloat16.
         dense = name.split("/")[-1].startswith("Dense")
+        fed = prev is None or (prev["dense"] and prev["a_bits"] <= wrap.INT_MATMUL_MAX_BITS)
         int_matmul = bool(
             q.get("int_matmul", False)
             and q.scale_mode == "learned"
             and dense
-            and prev is not None
-            and prev["dense"]
-            and prev["a_bits"] <= wrap.INT_MATMUL_MAX_BITS
+            and fed
             and st["w_bits"] <= wrap.INT_MATMUL_MAX_BITS
         )
         prev = {"dense": dense, "a_bits": st["a_bits"]}
@@ -377,7 +382,8 @@ def build_plan(config, model, input_shape) -> tuple[wrap.Plan, list[str]]:
             )
         except ValueError as e:
             raise ConfigError(f"{e} (layer {name})") from None
-    return wrap.make_plan(model, rules_from_config(config, names), x), names
+    rules = rules_from_config(config, names)
+    return wrap.make_plan(model, rules, x, input_bits=DATA_INPUT_BITS), names
 
 
 def build_run(config, dataset: qdata.Dataset | None = None) -> Run:

@@ -35,6 +35,7 @@ from qsparse import quant, sparsity
 
 LAYER_TYPES = (nn.Dense, nn.Conv)
 INT_MATMUL_MAX_BITS = 8  # integer codes of up to 8 bits are exact in bfloat16
+MODEL_INPUT = "<input>"  # LayerPlan.int_input of a first layer fed the model's own input
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -121,7 +122,8 @@ class LayerPlan:
       out_size: values in the layer's output (batch 1).
       order: execution order.
       act_quantized: whether the output goes through the activation quantizer.
-      int_input: with ``int_matmul``, the layer whose quantized output is this layer's input.
+      int_input: with ``int_matmul``, the layer whose quantized output is this layer's input,
+        or :data:`MODEL_INPUT` for a first layer fed the model's input on a grid (``input_bits``).
     """
 
     name: str
@@ -185,10 +187,13 @@ class Plan:
     Attributes:
       layers: layer name -> :class:`LayerPlan`, in execution order.
       input_size: values in one input example.
+      input_bits: the model's input holds ``k / (2**input_bits - 1)`` for integers ``k`` (8 for
+        uint8 data through :func:`qsparse.data.normalize`), or None: unknown.
     """
 
     layers: dict[str, LayerPlan]
     input_size: int
+    input_bits: int | None = None
 
     # ---- values ---------------------------------------------------------------------------
     def init_spec(self, **overrides) -> dict:
@@ -227,7 +232,10 @@ class Plan:
         for name, lp in self.layers.items():
             if lp.int_input is None:
                 continue
-            for layer, key in ((name, "w_bits"), (lp.int_input, "a_bits")):
+            checks = [(name, "w_bits")]
+            if lp.int_input != MODEL_INPUT:
+                checks.append((lp.int_input, "a_bits"))
+            for layer, key in checks:
                 value = _concrete(spec[layer][key])
                 if value is not None and value > INT_MATMUL_MAX_BITS:
                     raise ValueError(
@@ -323,12 +331,12 @@ class Plan:
             if lp is not None and lp.int_input is not None:
                 src = lp.int_input
                 layer = _get(qp, lp.param_path)
+                if src == MODEL_INPUT:  # k / (2**bits - 1): a quantizer's grid with clip 1
+                    a_bits, clip = self.input_bits, 1.0
+                else:
+                    a_bits, clip = spec[src]["a_bits"], qparams[src]["a_clip"]
                 y = quant.int_matmul(
-                    args[0],
-                    layer["kernel"],
-                    spec[src]["a_bits"],
-                    qparams[src]["a_clip"],
-                    qparams[lp.name]["w_step"],
+                    args[0], layer["kernel"], a_bits, clip, qparams[lp.name]["w_step"]
                 )
                 if "bias" in layer:
                     y = y + layer["bias"]
@@ -428,7 +436,14 @@ class Plan:
         return out
 
 
-def make_plan(model: nn.Module, rules: Sequence[Rule], sample_input, **apply_kwargs) -> Plan:
+def make_plan(
+    model: nn.Module,
+    rules: Sequence[Rule],
+    sample_input,
+    *,
+    input_bits: int | None = None,
+    **apply_kwargs,
+) -> Plan:
     """Traces ``model`` once (shapes only) and assigns each Dense/Conv layer its first rule.
 
     Layers no rule matches stay full precision and dense. Block shapes are checked here.
@@ -437,6 +452,9 @@ def make_plan(model: nn.Module, rules: Sequence[Rule], sample_input, **apply_kwa
       model: an unmodified Linen module.
       rules: rules, first match wins.
       sample_input: an input batch (or ``jax.ShapeDtypeStruct``); batch size 1 is best.
+      input_bits: the model's input values are ``k / (2**input_bits - 1)`` for integers ``k``
+        (8 for uint8 data through :func:`qsparse.data.normalize`): lets the first layer take
+        ``int_matmul``. None (default): no such promise.
       **apply_kwargs: passed to ``model.init`` / ``model.apply``.
 
     Returns:
@@ -496,34 +514,46 @@ def make_plan(model: nn.Module, rules: Sequence[Rule], sample_input, **apply_kwa
             raise ValueError(
                 f"rule pattern={r.pattern!r} matches no layer: layers are {[s[0] for s in seen]}"
             )
+    if input_bits is not None and not 1 <= input_bits <= INT_MATMUL_MAX_BITS:
+        raise ValueError(
+            f"input_bits={input_bits} is not allowed: use 1..{INT_MATMUL_MAX_BITS} or None"
+        )
     wanted = [lp.name for lp in layers.values() if lp.rule.int_matmul]
     if wanted:
         calls = [s[0] for s in seen]
         for name in wanted:
-            src = _int_input(model, name, calls, layers, sample_input, apply_kwargs)
+            src = _int_input(model, name, calls, layers, sample_input, input_bits, apply_kwargs)
             layers[name] = dataclasses.replace(layers[name], int_input=src)
     in_size = int(np.prod(sample_input.shape[1:]))
-    return Plan(layers=layers, input_size=in_size)
+    return Plan(layers=layers, input_size=in_size, input_bits=input_bits)
 
 
-def _int_input(model, name, calls, layers, sample_input, apply_kwargs) -> str:
+def _int_input(model, name, calls, layers, sample_input, input_bits, apply_kwargs) -> str:
     """The layer whose quantized output feeds ``name``, checked for ``int_matmul``.
 
     The input must be the previous layer's output through a ReLU (the activation quantizer's
-    output passes a ReLU unchanged), which a concrete run on random data checks exactly: any
-    other operation in between (a residual sum, a normalization, average pooling) changes
-    the values, and the codes would not come back.
+    output passes a ReLU unchanged), or for the first layer the model's own input (on the grid
+    ``input_bits`` promises), which a concrete run on random data checks exactly: any other
+    operation in between (a residual sum, a normalization, average pooling) changes the
+    values, and the codes would not come back.
 
     Raises:
       ValueError: one line naming the layer and what ``int_matmul`` needs.
     """
     need = "int_matmul needs a Dense layer whose input is the previous layer's quantized output"
     at = calls.index(name)
-    if calls.count(name) > 1 or at == 0:
-        why = "it is called more than once" if calls.count(name) > 1 else "it is the first layer"
-        raise ValueError(f"int_matmul on {name} is not allowed: {why}; {need}")
-    src = layers[calls[at - 1]]
-    if not src.act_quantized or src.rule.a_bits > INT_MATMUL_MAX_BITS:
+    if calls.count(name) > 1:
+        raise ValueError(
+            f"int_matmul on {name} is not allowed: it is called more than once; {need}"
+        )
+    if at == 0 and input_bits is None:
+        raise ValueError(
+            f"int_matmul on {name} is not allowed: it is the first layer and make_plan has no"
+            f" input_bits; {need}, or the model's input with make_plan(..., input_bits=8) for"
+            " uint8 data / 255"
+        )
+    src = layers[calls[at - 1]] if at else None
+    if src is not None and (not src.act_quantized or src.rule.a_bits > INT_MATMUL_MAX_BITS):
         raise ValueError(
             f"int_matmul on {name} is not allowed: its input layer {src.name} has"
             f" a_bits={src.rule.a_bits:g}, quantize_output={src.act_quantized};"
@@ -550,13 +580,14 @@ def _int_input(model, name, calls, layers, sample_input, apply_kwargs) -> str:
             f"int_matmul on {name} is not allowed: it is a {type(mod).__name__} with"
             f" dtype={mod.dtype}, precision={mod.precision}; {need} (plain nn.Dense)"
         )
-    out = jax.nn.relu(seen[src.name][2])
+    out = jax.nn.relu(seen[src.name][2]) if src is not None else x
     if out.size != inp.size or not np.array_equal(np.asarray(out).reshape(inp.shape), inp):
+        what = f"the ReLU of {src.name}'s output" if src is not None else "the model's input"
         raise ValueError(
-            f"int_matmul on {name} is not allowed: its input is not the ReLU of {src.name}'s"
-            f" output (the model computes something else in between); {need}"
+            f"int_matmul on {name} is not allowed: its input is not {what} (the model"
+            f" computes something else in between); {need}"
         )
-    return src.name
+    return src.name if src is not None else MODEL_INPUT
 
 
 def stack_specs(specs: Sequence[Mapping[str, Any]]):

@@ -302,15 +302,14 @@ def plain_setup(hidden, sample_x):
 def joint_plan(model: nn.Module, sample_x, **overrides):
     """The joint setting on every layer: 2-bit weights and activations, 4X blocks (8,8) on
     hidden layers and (8,2) on the logits layer, learned weight steps and clips, and (as
-    ``configs/joint.py``) the forward matmuls after the first layer on integer codes."""
+    ``configs/joint.py``) every forward matmul on integer codes (the input is uint8 / 255)."""
     common = dict(w_bits=2, a_bits=2, compression=4, scale_mode="learned", learn_clip=True)
     last = f"Dense_{len(model.hidden)}"
     rules = [
-        wrap.Rule(pattern="Dense_0", block_shape=(8, 8), **common),
         wrap.Rule(pattern=last, block_shape=(8, 2), int_matmul=True, **common),
         wrap.Rule(pattern=".*", block_shape=(8, 8), int_matmul=True, **common),
     ]
-    plan = wrap.make_plan(model, rules, sample_x[:1])
+    plan = wrap.make_plan(model, rules, sample_x[:1], input_bits=8)
     spec = training.make_spec(
         plan.init_spec(**overrides), learning_rate=LEARNING_RATE, prox_strength=PROX_STRENGTH
     )
@@ -366,9 +365,10 @@ def settings_mesh(n: int) -> tuple[Mesh, NamedSharding, NamedSharding]:
 
 
 def synthetic_batch(batch: int, seed: int = 1):
-    """A device-resident float batch of 28x28x1 images and labels."""
+    """A device-resident float batch of 28x28x1 images and labels; the images are uint8 pixels
+    through ``qdata.normalize``, as real data reaches the model."""
     kx, ky = jax.random.split(jax.random.key(seed))
-    x = jax.random.uniform(kx, (batch, 28, 28, 1), jnp.float32)
+    x = qdata.normalize(jax.random.randint(kx, (batch, 28, 28, 1), 0, 256).astype(jnp.uint8))
     y = jax.random.randint(ky, (batch,), 0, 10)
     return jax.device_put((x, y))
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsparse import models, wrap
+from qsparse import data, models, wrap
 from qsparse.quant import quantize_weight
 
 X = jnp.zeros((1, 8, 8, 1))
@@ -211,3 +211,35 @@ def test_int_matmul_refuses_what_it_cannot_make_exact():
         plan.init_spec(a_bits=32)
     with pytest.raises(ValueError, match="Dense_1.w_bits=16 is not allowed"):
         plan.init_spec(w_bits=16)
+
+
+class Scaled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = 2.0 * x.reshape((x.shape[0], -1))  # not the model's input any more
+        return nn.Dense(10)(nn.relu(nn.Dense(16)(x)))
+
+
+def test_int_matmul_on_the_first_layer_needs_an_input_on_a_grid():
+    common = dict(w_bits=2, a_bits=2, scale_mode="learned", act_clip=1.0)
+    model = models.MLP(hidden=(32,))
+    ref = wrap.make_plan(model, [wrap.Rule(pattern=".*", **common)], X)
+    fast = wrap.make_plan(
+        model, [wrap.Rule(pattern=".*", int_matmul=True, **common)], X, input_bits=8
+    )
+    assert fast.layers["Dense_0"].int_input == wrap.MODEL_INPUT
+    assert fast.layers["Dense_1"].int_input == "Dense_0"
+    params = model.init(jax.random.key(0), X)["params"]
+    pixels = jax.random.randint(jax.random.key(2), (6, 8, 8, 1), 0, 256).astype(jnp.uint8)
+    x = data.normalize(pixels)  # uint8 / 255: the 8-bit grid input_bits=8 promises
+    spec = fast.init_spec()
+    qp = fast.init_qparams(params, spec)
+    np.testing.assert_allclose(
+        fast.apply(model, params, qp, spec, x), ref.apply(model, params, qp, spec, x), atol=2e-5
+    )
+    with pytest.raises(ValueError, match="its input is not the model's input"):
+        wrap.make_plan(
+            Scaled(), [wrap.Rule(pattern=".*", int_matmul=True, **common)], X, input_bits=8
+        )
+    with pytest.raises(ValueError, match="input_bits=16 is not allowed"):
+        wrap.make_plan(model, [wrap.Rule(pattern=".*", **common)], X, input_bits=16)
