@@ -32,9 +32,8 @@ def get_base() -> ml_collections.ConfigDict:
     c.quant.zero_level = True  # level set holds zero (2-bit = ternary)
     c.quant.act_clip = 2.0  # initial activation clip
     c.quant.learn_clip = True  # PACT: train the clip
-    # Forward matmuls of Dense layers fed by a quantized Dense layer or by the uint8 data on
-    # the integer codes (bfloat16, exact; needs learned steps and bits <= 8): see
-    # qsparse.wrap.Rule.int_matmul.
+    # Forward matmuls of Dense layers fed by a quantized Dense layer on the integer codes
+    # (bfloat16, exact; needs learned steps and bits <= 8): see qsparse.wrap.Rule.int_matmul.
     c.quant.int_matmul = False
 
     c.sparsity = ml_collections.ConfigDict()
