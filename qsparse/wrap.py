@@ -521,14 +521,34 @@ def make_plan(
     wanted = [lp.name for lp in layers.values() if lp.rule.int_matmul]
     if wanted:
         calls = [s[0] for s in seen]
+        x, record = _concrete_run(model, sample_input, apply_kwargs)
         for name in wanted:
-            src = _int_input(model, name, calls, layers, sample_input, input_bits, apply_kwargs)
+            src = _int_input(name, calls, layers, input_bits, x, record)
             layers[name] = dataclasses.replace(layers[name], int_input=src)
     in_size = int(np.prod(sample_input.shape[1:]))
     return Plan(layers=layers, input_size=in_size, input_bits=input_bits)
 
 
-def _int_input(model, name, calls, layers, sample_input, input_bits, apply_kwargs) -> str:
+def _concrete_run(model, sample_input, apply_kwargs):
+    """The model run once on a random batch of 2: ``(x, {layer: (module, input, output)})``."""
+    record = {}
+
+    def recorder(next_fun, args, kw, context):
+        y = next_fun(*args, **kw)
+        mod = context.module
+        if context.method_name == "__call__" and isinstance(mod, LAYER_TYPES):
+            record[module_path(mod)] = (mod, args[0], y)
+        return y
+
+    shape = (2, *tuple(sample_input.shape)[1:])
+    x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
+    variables = model.init(jax.random.key(0), x, **apply_kwargs)
+    with nn.intercept_methods(recorder):
+        model.apply(variables, x, **apply_kwargs)
+    return x, record
+
+
+def _int_input(name, calls, layers, input_bits, x, record) -> str:
     """The layer whose quantized output feeds ``name``, checked for ``int_matmul``.
 
     The input must be the previous layer's output through a ReLU (the activation quantizer's
@@ -536,6 +556,17 @@ def _int_input(model, name, calls, layers, sample_input, input_bits, apply_kwarg
     ``input_bits`` promises), which a concrete run on random data checks exactly: any other
     operation in between (a residual sum, a normalization, average pooling) changes the
     values, and the codes would not come back.
+
+    Args:
+      name: the layer.
+      calls: layer names in call order.
+      layers: the plan's layers so far.
+      input_bits: :func:`make_plan`'s promise about the model's input, or None.
+      x: the random input of :func:`_concrete_run`.
+      record: its record of each layer's module, input and output.
+
+    Returns:
+      The feeding layer's name, or :data:`MODEL_INPUT`.
 
     Raises:
       ValueError: one line naming the layer and what ``int_matmul`` needs.
@@ -559,28 +590,14 @@ def _int_input(model, name, calls, layers, sample_input, input_bits, apply_kwarg
             f" a_bits={src.rule.a_bits:g}, quantize_output={src.act_quantized};"
             f" {need} with a_bits <= {INT_MATMUL_MAX_BITS}"
         )
-    seen = {}
-
-    def recorder(next_fun, args, kw, context):
-        y = next_fun(*args, **kw)
-        mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, LAYER_TYPES):
-            seen[module_path(mod)] = (mod, args[0], y)
-        return y
-
-    shape = (2, *tuple(sample_input.shape)[1:])
-    x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
-    variables = model.init(jax.random.key(0), x, **apply_kwargs)
-    with nn.intercept_methods(recorder):
-        model.apply(variables, x, **apply_kwargs)
-    mod, inp, _ = seen[name]
+    mod, inp, _ = record[name]
     default = mod.dtype in (None, jnp.float32) and mod.precision is None
     if type(mod) is not nn.Dense or not default or mod.dot_general is not None:
         raise ValueError(
             f"int_matmul on {name} is not allowed: it is a {type(mod).__name__} with"
             f" dtype={mod.dtype}, precision={mod.precision}; {need} (plain nn.Dense)"
         )
-    out = jax.nn.relu(seen[src.name][2]) if src is not None else x
+    out = jax.nn.relu(record[src.name][2]) if src is not None else x
     if out.size != inp.size or not np.array_equal(np.asarray(out).reshape(inp.shape), inp):
         what = f"the ReLU of {src.name}'s output" if src is not None else "the model's input"
         raise ValueError(
