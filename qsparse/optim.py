@@ -687,7 +687,7 @@ def block_sparse_adam(
 
     def apply_fn(grads, state, params=None):
         if params is None:
-            raise ValueError("block_sparse_adam needs params: call apply(g, s, params)")
+            raise ValueError("block_sparse_adam needs params: call update/apply(g, s, params)")
         count = state.adam.count
         masks = state.masks
 
@@ -753,8 +753,6 @@ def block_sparse_adam(
         return new_params, BlockSparseAdamState(adam=adam, masks=new_masks)
 
     def update_fn(grads, state, params=None):
-        if params is None:
-            raise ValueError("block_sparse_adam needs params: call update(g, s, params)")
         new_params, state = apply_fn(grads, state, params)
         return jax.tree.map(lambda n, p: n - p, new_params, params), state
 

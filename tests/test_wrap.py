@@ -123,21 +123,17 @@ class ConvAfterDense(nn.Module):
         return nn.Dense(10)(x.reshape((x.shape[0], -1)))
 
 
-def _int_plans(model, int_rules):
-    common = dict(w_bits=2, a_bits=2, scale_mode="learned", act_clip=1.0)
-    ref = wrap.make_plan(model, [wrap.Rule(pattern=".*", **common)], X)
-    fast = wrap.make_plan(model, [r(common) for r in int_rules], X)
-    return ref, fast
-
-
 def test_int_matmul_matches_the_float_layer_and_runs_in_bfloat16():
     model = models.MLP(hidden=(32, 16))
-    ref, fast = _int_plans(
+    common = dict(w_bits=2, a_bits=2, scale_mode="learned", act_clip=1.0)
+    ref = wrap.make_plan(model, [wrap.Rule(pattern=".*", **common)], X)
+    fast = wrap.make_plan(
         model,
         [
-            lambda c: wrap.Rule(pattern="Dense_0", **c),
-            lambda c: wrap.Rule(pattern=".*", int_matmul=True, **c),
+            wrap.Rule(pattern="Dense_0", **common),
+            wrap.Rule(pattern=".*", int_matmul=True, **common),
         ],
+        X,
     )
     assert {k: lp.int_input for k, lp in fast.layers.items()} == {
         "Dense_0": None,
