@@ -407,15 +407,15 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
         raise ValueError(f"steps per call {n} do not fit in a phase of {sched}")
     # The timed windows hold no mask update: with more steps per call than prune_every (the
     # GPU sizes), the timed programs update the masks less often; the update's cost is
-    # measured on its own below and amortized over STEP_SCHEDULE.prune_every all the same.
-    sched = dataclasses.replace(sched, prune_every=max(sched.prune_every, n + 1))
+    # measured on its own below and amortized over sched.prune_every all the same.
+    timed = dataclasses.replace(sched, prune_every=max(sched.prune_every, n + 1))
     model = MLP(hidden=BIG_HIDDEN)
     xy = synthetic_batch(batch)
     p_step, p_state, n_params = plain_setup(BIG_HIDDEN, xy[0])
     plan, spec = joint_plan(model, xy[0])
-    j_state = training.init_state(model, plan, sched, spec, jax.random.key(0), xy[0])
+    j_state = training.init_state(model, plan, timed, spec, jax.random.key(0), xy[0])
     p_run = scan_steps(p_step, n)
-    j_run = scan_steps(training.make_train_step(model, plan, sched), n)
+    j_run = scan_steps(training.make_train_step(model, plan, timed), n)
     # Compiling through lower() fills the jit cache too, so this costs no extra compile. The
     # analysis counts a scan's body once, i.e. one step.
     cost = {"plain": cost_of(p_run, p_state, xy), "joint": cost_of(j_run, j_state, xy, spec)}
@@ -429,7 +429,7 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
     programs = {"plain": lambda: p_run(p_state, xy)}
     for name, st in states.items():
         programs[name] = lambda st=st: j_run(st, xy, spec)
-    every = dataclasses.replace(sched, prune_every=1)
+    every = dataclasses.replace(timed, prune_every=1)
     e_run = scan_steps(training.make_train_step(model, plan, every), n)
     programs["prune, update every step"] = lambda: e_run(states["prune"], xy, spec)
     programs["stream"] = stream_program()
@@ -440,8 +440,7 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
     # plus its share of one update.
     upd = [(e - a) / n for e, a in zip(t["prune, update every step"], t["prune"])]
     update_ms = 1e3 * med(upd)
-    every_n = STEP_SCHEDULE.prune_every
-    t["prune"] = [a + u * n / every_n for a, u in zip(t["prune"], upd)]
+    t["prune"] = [a + u * n / sched.prune_every for a, u in zip(t["prune"], upd)]
     phases = ("prox", "prune", "finetune")
     ms = {k: 1e3 * med(t[k]) / n for k in ("plain", *phases)}
     ratios = {k: paired_ratio(t[k], t["plain"]) for k in phases}
