@@ -1,4 +1,6 @@
-r"""Small performance probes behind statements in the README's Performance section.
+r"""Small performance probes behind statements in docs/PERFORMANCE.md.
+
+The README's Performance section summarizes them.
 
     python scripts/probes.py chunked-adam        # Adam on a 1024^2 kernel: fused vs row-chunked
     python scripts/probes.py sweep-collectives   # all-reduces in a jit-sharded vmap vs shard_map
