@@ -39,6 +39,8 @@ does not depend on the weights' values). XLA's cost analysis of one compiled ste
 accessed, flops) is printed too: it does not depend on load, and on a memory-bound CPU it is
 where the joint step's extra time comes from; a streaming-bandwidth probe timed in the same
 rounds turns those extra bytes into milliseconds to set beside the measured difference.
+The JSON file holds every program's timed rounds too (``rounds_s``, seconds per call in round
+order, keyed ``b128/prox``, ``sweep/vmapped`` and so on), for statistics beyond the medians.
 
 ``--only steps,sweep,input,guard`` runs a subset; on 2 CPU cores ``--quick`` takes 1 to 2
 minutes and the full run 3 to 8 (an AMD EPYC VM: 3; an Intel Xeon VM at 2 GHz: 7); ``--gpu``
@@ -183,6 +185,10 @@ STEP_SCHEDULE = training.Schedule(
 
 
 WARMUP: dict[str, float] = {}  # program name -> seconds of its first (compiling) call
+# Program name -> its timed rounds in seconds, in round order, so a reader of the JSON file can
+# set any program's rounds beside another's (a slow round of the streaming probe beside the
+# step ratios of the same round, say) rather than only the medians.
+ROUNDS: dict[str, list[float]] = {}
 
 
 def race(
@@ -212,6 +218,7 @@ def race(
             t0 = time.perf_counter()
             jax.block_until_ready(programs[k]())
             times[k].append(time.perf_counter() - t0)
+    ROUNDS.update({f"{tag}{k}": list(v) for k, v in times.items()})
     return times
 
 
@@ -998,11 +1005,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         res.update({p: sub[p] for p in child})
         res["machine"]["devices_sweep_parts"] = sub["machine"]["devices"]
         WARMUP.update(sub["warmup_s"])
+        ROUNDS.update(sub["rounds_s"])
         took = time.perf_counter() - t
         print(f"[{', '.join(child)} done in {took:.0f} s, one device per core]", file=sys.stderr)
     res["machine"]["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["seconds"] = time.perf_counter() - t0
     res["warmup_s"] = dict(WARMUP)
+    res["rounds_s"] = dict(ROUNDS)
     if not args.quiet:
         res["targets"] = report(res)
         print(
