@@ -60,6 +60,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 # A sweep splits its settings over the devices (training.over_settings); on a CPU host, one
 # JAX device per core lets each core train its own settings. The sweep's parts (3 and 5) run
 # in a child process started with that flag (set here, before JAX starts, when the child's
@@ -141,8 +146,14 @@ SIZES = {
     "full": Sizes(
         reps=9,
         step_batches=(128, 1024),
-        steps={128: 20, 1024: 4},
-        matmul_chain=3,
+        # Each call allocates its output state and scratch afresh, and the pages it touches
+        # for them cost about 1.3 us each when the allocator has handed them back (0 to 11,000
+        # of them per call, the same for a short call as for a long one, and not the same for
+        # the two sides: `probes.py page-cost`, `step-windows`). A training epoch is one call
+        # of hundreds of steps, so the windows are long enough for that to weigh little: at 20
+        # steps per call (until this session) it was up to 0.7 ms of a 7 ms step.
+        steps={128: 60, 1024: 12},
+        matmul_chain=8,
         sweep_steps=100,
         sweep_reps=11,
         sweep_map=True,
@@ -189,6 +200,14 @@ WARMUP: dict[str, float] = {}  # program name -> seconds of its first (compiling
 # set any program's rounds beside another's (a slow round of the streaming probe beside the
 # step ratios of the same round, say) rather than only the medians.
 ROUNDS: dict[str, list[float]] = {}
+# Program name -> the process's minor page faults during each timed call: a call whose output
+# and scratch buffers land on fresh pages pays about a microsecond per 4 KiB page here, which
+# is no part of a training step's cost.
+FAULTS: dict[str, list[int]] = {}
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
 
 
 def race(
@@ -213,12 +232,16 @@ def race(
         WARMUP[f"{tag}{k}"] = time.perf_counter() - t0
     names = list(programs)
     times: dict[str, list[float]] = {k: [] for k in names}
+    faults: dict[str, list[int]] = {k: [] for k in names}
     for r in range(reps):
         for k in names[r % len(names) :] + names[: r % len(names)]:
+            f0 = _minor_faults()
             t0 = time.perf_counter()
             jax.block_until_ready(programs[k]())
             times[k].append(time.perf_counter() - t0)
+            faults[k].append(_minor_faults() - f0)
     ROUNDS.update({f"{tag}{k}": list(v) for k, v in times.items()})
+    FAULTS.update({f"{tag}{k}": v for k, v in faults.items()})
     return times
 
 
@@ -472,6 +495,10 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
         "stream_gbs": gbs,
         "extra_bytes_ms": extra_mb / gbs if extra_mb is not None else None,
         "extra_ms": ms[worst] - ms["plain"],
+        # Fresh pages each call's buffers touched (the process's minor faults, median).
+        "faults_per_call": {
+            k: int(med(FAULTS[f"b{batch}/{k}"])) for k in ("plain", *phases) if resource
+        },
     }
     if matmul_chain:
         flops_step = 6.0 * batch * n_params
@@ -824,6 +851,13 @@ def report(res: dict) -> list[dict]:
                     f" step's extra bytes at that rate {e['extra_bytes_ms']:.1f} ms/step,"
                     f" measured extra ({e['worst_phase']}) {e['extra_ms']:.1f} ms/step"
                 )
+            fpc = e.get("faults_per_call")
+            if fpc:
+                print(
+                    f"   batch {b:>5}: minor page faults per timed call (fresh pages for its"
+                    f" buffers), median: plain {fpc['plain']}, {e['worst_phase']}"
+                    f" {fpc[e['worst_phase']]}"
+                )
         for b, e in st["batches"].items():
             targets.append(
                 {
@@ -1006,12 +1040,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         res["machine"]["devices_sweep_parts"] = sub["machine"]["devices"]
         WARMUP.update(sub["warmup_s"])
         ROUNDS.update(sub["rounds_s"])
+        FAULTS.update(sub["round_faults"])
         took = time.perf_counter() - t
         print(f"[{', '.join(child)} done in {took:.0f} s, one device per core]", file=sys.stderr)
     res["machine"]["load_avg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["seconds"] = time.perf_counter() - t0
     res["warmup_s"] = dict(WARMUP)
     res["rounds_s"] = dict(ROUNDS)
+    res["round_faults"] = dict(FAULTS)
     if not args.quiet:
         res["targets"] = report(res)
         print(

@@ -7,6 +7,8 @@ The README's Performance section summarizes them.
     python scripts/probes.py device-flag         # plain step with and without one device per core
     python scripts/probes.py step-profile        # where the joint step's time goes (b128 trace)
     python scripts/probes.py step-timeline       # one step's ops in start order (b128 trace)
+    python scripts/probes.py page-cost           # microseconds per fresh 4 KiB page touched
+    python scripts/probes.py step-windows        # bench step ratios with short and long scans
 
 Each prints its numbers; none is a test. ``sweep-collectives`` and ``device-flag`` start
 subprocesses, because the host device count is fixed when JAX starts.
@@ -371,12 +373,62 @@ def step_timeline(batch: int = 128, n: int = 10, min_us: float = 20.0) -> None:
                       f" {shape[:24]:24s} {ops[k]['source']}")  # fmt: skip
 
 
+def page_cost(mib: int = 28, reps: int = 15) -> None:
+    """What a fresh page costs: a new anonymous ``mib`` MiB mapping each time (as a call's
+    buffers get when the allocator has handed their pages back), one write per 4 KiB page."""
+    import mmap
+
+    import numpy as np
+
+    size = mib * 2**20
+    us = []
+    for _ in range(reps):
+        with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as m:
+            a = np.frombuffer(m, np.float32)
+            t = time.perf_counter()
+            a[::1024] = 1.0
+            us.append((time.perf_counter() - t) / (size // 4096) * 1e6)
+            del a
+    print(f"{mib} MiB of fresh pages: {np.median(us):.2f} us per page (best {min(us):.2f})")
+
+
+def step_windows(reps: int = 7) -> None:
+    """The bench's step ratios with its scan lengths (20 steps per call at batch 128, 4 at
+    1024) and with 3x / 4x longer ones, all in one round-robin race per batch size, with the
+    minor page faults per call: a call's fresh buffers cost the same whatever its length, so
+    they weigh less per step in a longer scan."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    for batch, lengths in ((128, (20, 60)), (1024, (4, 16))):
+        progs = {}
+        for n in lengths:
+            built = _step_programs(batch, n)
+            for k in ("plain", "joint prox", "joint finetune"):
+                run, args = built[k]
+                progs[f"{n}/{k}"] = lambda run=run, args=args: run(*args)
+        t = bench.race(progs, reps, tag=f"windows b{batch}/")
+        print(f"batch {batch}: ms per step, ratio to plain (median over {reps} rounds),"
+              " minor page faults per call")  # fmt: skip
+        for n in lengths:
+            plain = t[f"{n}/plain"]
+            for k in ("plain", "joint prox", "joint finetune"):
+                row = t[f"{n}/{k}"]
+                flt = int(np.median(bench.FAULTS[f"windows b{batch}/{n}/{k}"]))
+                print(f"  {n:3d} steps/call {k:15s} {np.median(row) / n * 1e3:7.2f} ms"
+                      f"  {bench.paired_ratio(row, plain):.3f}  {flt:6d}")  # fmt: skip
+
+
 PROBES = {
     "chunked-adam": chunked_adam,
     "step-profile": step_profile,
     "step-timeline": step_timeline,
     "sweep-collectives": sweep_collectives,
     "device-flag": device_flag,
+    "page-cost": page_cost,
+    "step-windows": step_windows,
 }
 
 
