@@ -150,10 +150,11 @@ SIZES = {
         # for them cost about 1.3 us each when the allocator has handed them back (0 to 11,000
         # of them per call, the same for a short call as for a long one, and not the same for
         # the two sides: `probes.py page-cost`, `step-windows`). A training epoch is one call
-        # of hundreds of steps, so the windows are long enough for that to weigh little: at 20
-        # steps per call (until this session) it was up to 0.7 ms of a 7 ms step.
-        steps={128: 60, 1024: 12},
-        matmul_chain=8,
+        # of hundreds of steps, so the windows are long enough for that to weigh little (at 20
+        # steps per call it was up to 0.7 ms of a 7 ms step), and short enough that a 2-core
+        # VM at a third of this one's speed still runs the whole bench within 10 minutes.
+        steps={128: 40, 1024: 8},
+        matmul_chain=6,
         sweep_steps=100,
         sweep_reps=11,
         sweep_map=True,
