@@ -40,10 +40,12 @@ accessed, flops) is printed too: it does not depend on load, and on a memory-bou
 where the joint step's extra time comes from; a streaming-bandwidth probe timed in the same
 rounds turns those extra bytes into milliseconds to set beside the measured difference.
 The JSON file holds every program's timed rounds too (``rounds_s``, seconds per call in round
-order, keyed ``b128/prox``, ``sweep/vmapped`` and so on), for statistics beyond the medians.
+order, keyed ``b128/prox``, ``sweep/vmap`` and so on) and the process's minor page faults in
+each (``round_faults``), for statistics beyond the medians.
 
 ``--only steps,sweep,input,guard`` runs a subset; on 2 CPU cores ``--quick`` takes 1 to 2
-minutes and the full run 3 to 8 (an AMD EPYC VM: 3; an Intel Xeon VM at 2 GHz: 7); ``--gpu``
+minutes and the full run 2 to 8 (an AMD EPYC VM: 2; an Intel Xeon VM at 2 GHz: 7 with the
+shorter timed calls before commit e62ac65, about 8 by estimate now); ``--gpu``
 sizes the scans for an accelerator.
 """
 
