@@ -9,6 +9,7 @@ The README's Performance section summarizes them.
     python scripts/probes.py step-timeline       # one step's ops in start order (b128 trace)
     python scripts/probes.py page-cost           # microseconds per fresh 4 KiB page touched
     python scripts/probes.py step-windows        # bench step ratios with short and long scans
+    python scripts/probes.py memory-state        # b128 prox ratio beside DRAM / cache bandwidth
 
 Each prints its numbers; none is a test. ``sweep-collectives`` and ``device-flag`` start
 subprocesses, because the host device count is fixed when JAX starts.
@@ -421,6 +422,42 @@ def step_windows(reps: int = 7) -> None:
                       f"  {bench.paired_ratio(row, plain):.3f}  {flt:6d}")  # fmt: skip
 
 
+def memory_state(reps: int = 9, n: int = 40) -> None:
+    """The bench's batch-128 prox ratio beside the machine's streaming bandwidth from DRAM
+    (16 MB arrays) and from the last-level cache (2 MB arrays), all in one round-robin race:
+    run it several times to see the ratio follow the memory system's state."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    built = _step_programs(128, n)
+    progs = {k: (lambda r=r, a=a: r(*a)) for k, (r, a) in built.items()}
+    progs = {k: progs[k] for k in ("plain", "joint prox")}
+    progs["dram"] = bench.stream_program()
+    elems, passes = 2**19, 64
+    kx, ky = jax.random.split(jax.random.key(3))
+    x, y = jax.random.normal(kx, (elems,)), jax.random.normal(ky, (elems,))
+
+    @jax.jit
+    def cached(x, y):
+        def body(i, z):
+            return z + (1.0 + i.astype(jnp.float32) * 1e-9) * y
+
+        return jax.lax.fori_loop(0, passes, body, x)
+
+    progs["cache"] = lambda: cached(x, y)
+    t = bench.race(progs, reps)
+    p, j = np.array(t["plain"]), np.array(t["joint prox"])
+    dram = bench.STREAM_BYTES / np.median(t["dram"]) / 1e9
+    cache = 3 * 4 * elems * passes / np.median(t["cache"]) / 1e9
+    ratio = bench.paired_ratio(j, p)
+    print(f"plain {np.median(p) / n * 1e3:.2f} ms, prox {np.median(j) / n * 1e3:.2f} ms,"
+          f" ratio {ratio:.3f} | DRAM {dram:.0f} GB/s | cache {cache:.0f} GB/s")  # fmt: skip
+
+
 PROBES = {
     "chunked-adam": chunked_adam,
     "step-profile": step_profile,
@@ -429,6 +466,7 @@ PROBES = {
     "device-flag": device_flag,
     "page-cost": page_cost,
     "step-windows": step_windows,
+    "memory-state": memory_state,
 }
 
 
