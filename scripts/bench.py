@@ -204,8 +204,8 @@ WARMUP: dict[str, float] = {}  # program name -> seconds of its first (compiling
 # step ratios of the same round, say) rather than only the medians.
 ROUNDS: dict[str, list[float]] = {}
 # Program name -> the process's minor page faults during each timed call: a call whose output
-# and scratch buffers land on fresh pages pays about a microsecond per 4 KiB page here, which
-# is no part of a training step's cost.
+# and scratch buffers land on fresh pages pays about 1.3 us per 4 KiB page here
+# (`probes.py page-cost`), which is no part of a training step's cost.
 FAULTS: dict[str, list[int]] = {}
 
 
@@ -524,12 +524,13 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
 STREAM_BYTES = 3 * 4 * 2**22 * 8  # 8 passes of z = x + a * y over 4M float32s: 2 reads, 1 write
 
 
-def stream_program() -> Callable[[], Any]:
-    """The bandwidth probe: 8 jitted passes ``z = x + a * y`` over 16 MB arrays (a STREAM
-    triad, far larger than the caches), as one call; bytes moved: :data:`STREAM_BYTES`."""
+def stream_program(elems: int = 2**22, passes: int = 8) -> Callable[[], Any]:
+    """The bandwidth probe: ``passes`` jitted passes ``z = x + a * y`` over arrays of ``elems``
+    float32s (a STREAM triad; by default 16 MB arrays, far larger than the caches), as one
+    call; bytes moved: ``3 * 4 * elems * passes`` (:data:`STREAM_BYTES` by default)."""
     kx, ky = jax.random.split(jax.random.key(11))
-    x = jax.random.normal(kx, (2**22,), jnp.float32)
-    y = jax.random.normal(ky, (2**22,), jnp.float32)
+    x = jax.random.normal(kx, (elems,), jnp.float32)
+    y = jax.random.normal(ky, (elems,), jnp.float32)
 
     @jax.jit
     def run(x, y):
@@ -537,7 +538,7 @@ def stream_program() -> Callable[[], Any]:
         def body(i, z):
             return z + (1.0 + i.astype(jnp.float32) * 1e-9) * y
 
-        return jax.lax.fori_loop(0, 8, body, x)
+        return jax.lax.fori_loop(0, passes, body, x)
 
     return lambda: run(x, y)
 

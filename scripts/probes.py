@@ -394,10 +394,10 @@ def page_cost(mib: int = 28, reps: int = 15) -> None:
 
 
 def step_windows(reps: int = 7) -> None:
-    """The bench's step ratios with its scan lengths (20 steps per call at batch 128, 4 at
-    1024) and with 3x / 4x longer ones, all in one round-robin race per batch size, with the
-    minor page faults per call: a call's fresh buffers cost the same whatever its length, so
-    they weigh less per step in a longer scan."""
+    """The bench's step ratios with its scan lengths before commit e62ac65 (20 steps per call
+    at batch 128, 4 at 1024) and with 3x / 4x longer ones, all in one round-robin race per
+    batch size, with the minor page faults per call: a call's fresh buffers cost the same
+    whatever its length, so they weigh less per step in a longer scan."""
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "scripts"))
@@ -426,29 +426,16 @@ def memory_state(reps: int = 9, n: int = 40) -> None:
     """The bench's batch-128 prox ratio beside the machine's streaming bandwidth from DRAM
     (16 MB arrays) and from the last-level cache (2 MB arrays), all in one round-robin race:
     run it several times to see the ratio follow the memory system's state."""
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench
 
     built = _step_programs(128, n)
-    progs = {k: (lambda r=r, a=a: r(*a)) for k, (r, a) in built.items()}
-    progs = {k: progs[k] for k in ("plain", "joint prox")}
+    progs = {k: (lambda r=built[k][0], a=built[k][1]: r(*a)) for k in ("plain", "joint prox")}
     progs["dram"] = bench.stream_program()
     elems, passes = 2**19, 64
-    kx, ky = jax.random.split(jax.random.key(3))
-    x, y = jax.random.normal(kx, (elems,)), jax.random.normal(ky, (elems,))
-
-    @jax.jit
-    def cached(x, y):
-        def body(i, z):
-            return z + (1.0 + i.astype(jnp.float32) * 1e-9) * y
-
-        return jax.lax.fori_loop(0, passes, body, x)
-
-    progs["cache"] = lambda: cached(x, y)
+    progs["cache"] = bench.stream_program(elems, passes)
     t = bench.race(progs, reps)
     p, j = np.array(t["plain"]), np.array(t["joint prox"])
     dram = bench.STREAM_BYTES / np.median(t["dram"]) / 1e9
