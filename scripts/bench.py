@@ -499,9 +499,9 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
         "extra_bytes_ms": extra_mb / gbs if extra_mb is not None else None,
         "extra_ms": ms[worst] - ms["plain"],
         # Fresh pages each call's buffers touched (the process's minor faults, median).
-        "faults_per_call": {
-            k: int(med(FAULTS[f"b{batch}/{k}"])) for k in ("plain", *phases) if resource
-        },
+        "faults_per_call": (
+            {k: int(med(FAULTS[f"b{batch}/{k}"])) for k in ("plain", *phases)} if resource else {}
+        ),
     }
     if matmul_chain:
         flops_step = 6.0 * batch * n_params
@@ -521,13 +521,18 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
     return entry
 
 
-STREAM_BYTES = 3 * 4 * 2**22 * 8  # 8 passes of z = x + a * y over 4M float32s: 2 reads, 1 write
+def stream_bytes(elems: int = 2**22, passes: int = 8) -> int:
+    """Bytes :func:`stream_program` moves per call: each pass reads two arrays, writes one."""
+    return 3 * 4 * elems * passes
+
+
+STREAM_BYTES = stream_bytes()
 
 
 def stream_program(elems: int = 2**22, passes: int = 8) -> Callable[[], Any]:
     """The bandwidth probe: ``passes`` jitted passes ``z = x + a * y`` over arrays of ``elems``
     float32s (a STREAM triad; by default 16 MB arrays, far larger than the caches), as one
-    call; bytes moved: ``3 * 4 * elems * passes`` (:data:`STREAM_BYTES` by default)."""
+    call; bytes moved: :func:`stream_bytes` (:data:`STREAM_BYTES` by default)."""
     kx, ky = jax.random.split(jax.random.key(11))
     x = jax.random.normal(kx, (elems,), jnp.float32)
     y = jax.random.normal(ky, (elems,), jnp.float32)

@@ -439,7 +439,7 @@ def memory_state(reps: int = 9, n: int = 40) -> None:
     t = bench.race(progs, reps)
     p, j = np.array(t["plain"]), np.array(t["joint prox"])
     dram = bench.STREAM_BYTES / np.median(t["dram"]) / 1e9
-    cache = 3 * 4 * elems * passes / np.median(t["cache"]) / 1e9
+    cache = bench.stream_bytes(elems, passes) / np.median(t["cache"]) / 1e9
     ratio = bench.paired_ratio(j, p)
     print(f"plain {np.median(p) / n * 1e3:.2f} ms, prox {np.median(j) / n * 1e3:.2f} ms,"
           f" ratio {ratio:.3f} | DRAM {dram:.0f} GB/s | cache {cache:.0f} GB/s")  # fmt: skip
