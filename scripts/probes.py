@@ -10,6 +10,7 @@ The README's Performance section summarizes them.
     python scripts/probes.py page-cost           # microseconds per fresh 4 KiB page touched
     python scripts/probes.py step-windows        # bench step ratios with short and long scans
     python scripts/probes.py memory-state        # b128 prox ratio beside DRAM / cache bandwidth
+    python scripts/probes.py ratio-drift         # b128 prox ratio over a 150-round race, in blocks
 
 Each prints its numbers; none is a test. ``sweep-collectives`` and ``device-flag`` start
 subprocesses, because the host device count is fixed when JAX starts.
@@ -445,6 +446,31 @@ def memory_state(reps: int = 9, n: int = 40) -> None:
           f" ratio {ratio:.3f} | DRAM {dram:.0f} GB/s | cache {cache:.0f} GB/s")  # fmt: skip
 
 
+def ratio_drift(rounds: int = 150, block: int = 9, n: int = 40) -> None:
+    """The bench's batch-128 prox ratio over a long race (about 90 s at 150 rounds), as medians
+    of consecutive blocks of ``block`` rounds (the bench's round count): how much of a
+    bench run's verdict is the few seconds it happened to run in."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench
+
+    built = _step_programs(128, n)
+    progs = {k: (lambda r=built[k][0], a=built[k][1]: r(*a)) for k in ("plain", "joint prox")}
+    t0 = time.perf_counter()
+    t = bench.race(progs, rounds)
+    secs = time.perf_counter() - t0
+    p, j = np.array(t["plain"]), np.array(t["joint prox"])
+    r = j / p
+    print(f"{rounds} rounds in {secs:.0f} s: prox ratio median {np.median(r):.3f};"
+          f" rounds above 1.15: {np.mean(r > 1.15):.0%}")  # fmt: skip
+    print(f"medians of blocks of {block} rounds (ratio, plain ms per step):")
+    for i in range(0, rounds - block + 1, block):
+        blk = slice(i, i + block)
+        print(f"  rounds {i:3d}-{i + block - 1:3d}  {np.median(r[blk]):.3f}"
+              f"  {np.median(p[blk]) / n * 1e3:6.2f}")  # fmt: skip
+
+
 PROBES = {
     "chunked-adam": chunked_adam,
     "step-profile": step_profile,
@@ -454,6 +480,7 @@ PROBES = {
     "page-cost": page_cost,
     "step-windows": step_windows,
     "memory-state": memory_state,
+    "ratio-drift": ratio_drift,
 }
 
 
