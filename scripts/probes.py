@@ -311,6 +311,12 @@ def _step_programs(batch: int, n: int) -> dict:
     return programs
 
 
+def _step_calls(batch: int, n: int, names=("plain", "joint prox")) -> dict:
+    """Zero-argument callables of the named :func:`_step_programs`, for ``bench.race``."""
+    built = _step_programs(batch, n)
+    return {k: (lambda run=built[k][0], args=built[k][1]: run(*args)) for k in names}
+
+
 def step_profile(batch: int = 128, n: int = 10, calls: int = 5) -> None:
     """Where a step's time goes: plain Flax against the joint step in each phase.
 
@@ -407,10 +413,8 @@ def step_windows(reps: int = 7) -> None:
     for batch, lengths in ((128, (20, 60)), (1024, (4, 16))):
         progs = {}
         for n in lengths:
-            built = _step_programs(batch, n)
-            for k in ("plain", "joint prox", "joint finetune"):
-                run, args = built[k]
-                progs[f"{n}/{k}"] = lambda run=run, args=args: run(*args)
+            calls = _step_calls(batch, n, ("plain", "joint prox", "joint finetune"))
+            progs.update({f"{n}/{k}": f for k, f in calls.items()})
         t = bench.race(progs, reps, tag=f"windows b{batch}/")
         print(f"batch {batch}: ms per step, ratio to plain (median over {reps} rounds),"
               " minor page faults per call")  # fmt: skip
@@ -432,8 +436,7 @@ def memory_state(reps: int = 9, n: int = 40) -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench
 
-    built = _step_programs(128, n)
-    progs = {k: (lambda r=built[k][0], a=built[k][1]: r(*a)) for k in ("plain", "joint prox")}
+    progs = _step_calls(128, n)
     progs["dram"] = bench.stream_program()
     elems, passes = 2**19, 64
     progs["cache"] = bench.stream_program(elems, passes)
@@ -455,8 +458,7 @@ def ratio_drift(rounds: int = 150, block: int = 9, n: int = 40) -> None:
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench
 
-    built = _step_programs(128, n)
-    progs = {k: (lambda r=built[k][0], a=built[k][1]: r(*a)) for k in ("plain", "joint prox")}
+    progs = _step_calls(128, n)
     t0 = time.perf_counter()
     t = bench.race(progs, rounds)
     secs = time.perf_counter() - t0
