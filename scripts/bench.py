@@ -111,6 +111,7 @@ SWEEP_SETTINGS = (
     (1, 2, 4),
 )
 LEARNING_RATE = 1e-3
+STEP_RATIO_TARGET = 1.15  # joint step / plain step, on CPU (issue: benchmarks)
 PROX_STRENGTH = 1e-4
 
 
@@ -882,7 +883,7 @@ def report(res: dict) -> list[dict]:
                     "name": f"step ratio joint/plain, batch {b} (worst: {e['worst_phase']})",
                     "value": e["worst_ratio"],
                     "best": max(e["ratio_best"].values()),
-                    "target": 1.15,
+                    "target": STEP_RATIO_TARGET,
                     "op": "<=",
                 }
             )
