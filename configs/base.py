@@ -35,6 +35,9 @@ def get_base() -> ml_collections.ConfigDict:
     # Forward matmuls of Dense layers fed by a quantized Dense layer on the integer codes
     # (bfloat16, exact; needs learned steps and bits <= 8): see qsparse.wrap.Rule.int_matmul.
     c.quant.int_matmul = False
+    # With int_matmul, those layers' backward matmuls in bfloat16 too (codes times the output
+    # gradient rounded to bfloat16: not exact); see qsparse.wrap.Rule.bf16_grads.
+    c.quant.bf16_grads = False
 
     c.sparsity = ml_collections.ConfigDict()
     c.sparsity.compression = 4.0  # block compression ratio >= 1 (1 = dense)

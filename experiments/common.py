@@ -81,6 +81,12 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
         f"use one of {quant.SCALE_MODES}",
     )
     _check(config.quant.act_clip > 0, "quant.act_clip", config.quant.act_clip, "use a value > 0")
+    _check(
+        not config.quant.get("bf16_grads", False) or config.quant.get("int_matmul", False),
+        "quant.bf16_grads",
+        config.quant.get("bf16_grads", False),
+        "use False, or set quant.int_matmul=True (the bfloat16 backward multiplies its codes)",
+    )
     s = config.sparsity
     for f in ("compression",):
         _check(
@@ -335,6 +341,7 @@ def rules_from_config(config, names: list[str]) -> list[wrap.Rule]:
                 act_clip=q.act_clip,
                 learn_clip=q.learn_clip,
                 int_matmul=int_matmul,
+                bf16_grads=int_matmul and bool(q.get("bf16_grads", False)),
             )
         )
     return rules

@@ -6,11 +6,14 @@ What it measures (each ratio's two sides in one process: parts 1, 2 and 4 in thi
 the default single JAX device, parts 3 and 5 in a child process with one device per core):
 
 1. **Step-time ratio**: qsparse's joint training step (2-bit weights and activations, 4X blocks
-   on every layer, learned LSQ steps and PACT clips, proximal step and masks on) over a plain
-   Flax + optax Adam FP32 step of the same MLP 784-1024-1024-1024-10, at batch 128 and 1024, in
-   three phases of the schedule: proximal (before pruning), pruning (masks updated every
-   ``prune_every`` steps; the update's cost is measured and amortized) and fine-tuning (masks
-   frozen). The headline is the worst phase.
+   on every layer, learned LSQ steps and PACT clips, proximal step and masks on; as in
+   ``configs/joint.py`` the layers after the first multiply integer codes in bfloat16, forward
+   and backward) over a plain Flax + optax Adam FP32 step of the same MLP
+   784-1024-1024-1024-10, at batch 128 and 1024, in three phases of the schedule: proximal
+   (before pruning), pruning (masks updated every ``prune_every`` steps; the update's cost is
+   measured and amortized) and fine-tuning (masks frozen). The headline is the worst phase.
+   The same step with float32 backward matmuls (``bf16_grads=False``) is timed in the prox
+   phase for reference.
 2. **Achieved training FLOP/s** ``6 * batch * parameters / step time`` as a fraction of the
    machine's matmul peak (a jitted 2048x2048 float32 matmul) timed in the same rounds,
    batch 1024, for both steps.
@@ -333,16 +336,18 @@ def plain_setup(hidden, sample_x):
     return step, (params, tx.init(params)), n_params
 
 
-def joint_plan(model: nn.Module, sample_x, **overrides):
+def joint_plan(model: nn.Module, sample_x, *, bf16_grads: bool = True, **overrides):
     """The joint setting on every layer: 2-bit weights and activations, 4X blocks (8,8) on
     hidden layers and (8,2) on the logits layer, learned weight steps and clips, and (as
-    ``configs/joint.py``) the forward matmuls after the first layer on integer codes."""
+    ``configs/joint.py``) the forward matmuls after the first layer on integer codes, their
+    backward matmuls in bfloat16 (``bf16_grads``; False: float32 gradients)."""
     common = dict(w_bits=2, a_bits=2, compression=4, scale_mode="learned", learn_clip=True)
+    codes = dict(int_matmul=True, bf16_grads=bf16_grads)
     last = f"Dense_{len(model.hidden)}"
     rules = [
         wrap.Rule(pattern="Dense_0", block_shape=(8, 8), **common),
-        wrap.Rule(pattern=last, block_shape=(8, 2), int_matmul=True, **common),
-        wrap.Rule(pattern=".*", block_shape=(8, 8), int_matmul=True, **common),
+        wrap.Rule(pattern=last, block_shape=(8, 2), **codes, **common),
+        wrap.Rule(pattern=".*", block_shape=(8, 8), **codes, **common),
     ]
     plan = wrap.make_plan(model, rules, sample_x[:1], input_bits=8)
     spec = training.make_spec(
@@ -466,6 +471,14 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
     every = dataclasses.replace(timed, prune_every=1)
     e_run = scan_steps(training.make_train_step(model, plan, every), n)
     programs["prune, update every step"] = lambda: e_run(states["prune"], xy, spec)
+    # For reference, not a target: the same joint step with float32 backward matmuls in the
+    # integer-code layers (bf16_grads=False), in the prox phase.
+    f_plan, f_spec = joint_plan(model, xy[0], bf16_grads=False)
+    f_run = scan_steps(training.make_train_step(model, f_plan, timed), n)
+    f_state = phase_states(
+        training.init_state(model, f_plan, timed, f_spec, jax.random.key(0), xy[0]), sched
+    )["prox"]
+    programs["prox, float32 grads"] = lambda: f_run(f_state, xy, f_spec)
     programs["stream"] = stream_program()
     if matmul_chain:
         programs["matmul"] = matmul_program(matmul_chain)
@@ -488,6 +501,8 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
         "mask_update_ms": update_ms,
         "ratio": ratios,
         "ratio_best": best,
+        "ratio_f32_grads": paired_ratio(t["prox, float32 grads"], t["plain"]),
+        "ratio_f32_grads_best": best_ratio(t["prox, float32 grads"], t["plain"]),
         "worst_phase": worst,
         "worst_ratio": ratios[worst],
         "params": n_params,
@@ -853,6 +868,14 @@ def report(res: dict) -> list[dict]:
             "   *prune: steady state + one mask update per"
             f" prune_every={STEP_SCHEDULE.prune_every} steps (the update's cost in the step: a"
             " window updating on every step against one that does not)"
+        )
+        print(
+            "   the joint step with float32 gradients in its integer-code layers"
+            " (bf16_grads=False), prox phase, for reference: "
+            + ", ".join(
+                f"batch {b} {e['ratio_f32_grads']:.2f} ({e['ratio_f32_grads_best']:.2f})"
+                for b, e in st["batches"].items()
+            )
         )
         print("   XLA cost analysis of one step (load-independent):")
         for b, e in st["batches"].items():

@@ -37,3 +37,19 @@ def test_config_builds(name):
     if c.quant.w_bits == 2 and c.sparsity.compression == 4 and c.dataset == "fashion_mnist":
         # Target counts of the joint setting on every layer: >= 50X before training.
         assert float(mem["weight_compression"]) >= 50, name
+
+
+def test_bf16_grads_runs_where_int_matmul_runs_and_needs_it():
+    from configs import joint
+
+    c = joint.get_config()
+    model = common.build_model(c, 10)
+    plan, names = common.build_plan(c, model, SHAPES[c.dataset])
+    rules = [plan.layers[n].rule for n in names]
+    assert [r.bf16_grads for r in rules] == [r.int_matmul for r in rules]
+    assert not rules[0].int_matmul and all(r.bf16_grads for r in rules[1:])
+    c.quant.int_matmul = False
+    with pytest.raises(
+        common.ConfigError, match=r"quant.bf16_grads=True is not allowed: .*int_matmul"
+    ):
+        common.validate(c)

@@ -250,3 +250,38 @@ def test_int_matmul_is_the_product_of_the_quantized_operands(zero_level, per_cha
         ex, ew = jax.grad(lambda x, wq: jnp.sum(jnp.cos(x @ wq)), (0, 1))(x, wq)
         np.testing.assert_allclose(dx, ex, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(dw, ew, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_int_matmul_bf16_grads_round_only_the_output_gradient(per_channel):
+    k = jax.random.split(jax.random.key(4), 3)
+    y = 2.0 * jax.random.normal(k[0], (2, 16, 64))
+    w = jax.random.normal(k[1], (64, 12))
+    r = jax.random.normal(k[2], (2, 16, 12))
+    step = jnp.linspace(0.1, 0.4, 12) if per_channel else jnp.asarray(0.3)
+    x = quant.quantize_activation(y, 2, 1.7)
+    wq = quant.quantize_weight(w, 2, scale_mode="learned", step=step, per_channel=per_channel)
+
+    def loss(x, wq, bf16):
+        return jnp.sum(r * quant.int_matmul(x, wq, 2, 1.7, step, bf16_grads=bf16))
+
+    # The forward pass is the same program's value, bit for bit.
+    np.testing.assert_array_equal(
+        quant.int_matmul(x, wq, 2, 1.7, step, bf16_grads=True),
+        quant.int_matmul(x, wq, 2, 1.7, step),
+    )
+    dx, dw = jax.grad(loss, (0, 1))(x, wq, True)
+    fx, fw = jax.grad(loss, (0, 1))(x, wq, False)
+    # The exact products of the bfloat16-rounded output gradient with the float operands:
+    # only that rounding (and float32 sums) separates them from the bf16 backward.
+    f64 = lambda v: np.asarray(v, np.float64)  # noqa: E731
+    s = np.broadcast_to(f64(step), (12,))
+    g_x = f64((r * (step / 2.0)).astype(jnp.bfloat16))
+    codes_w = np.round(f64(wq) * 2.0 / s)
+    np.testing.assert_allclose(dx, g_x @ codes_w.T, rtol=1e-5, atol=1e-6)
+    g_w = f64(r.astype(jnp.bfloat16)).reshape(-1, 12)
+    np.testing.assert_allclose(dw, f64(x).reshape(-1, 64).T @ g_w, rtol=1e-5, atol=1e-6)
+    # Close to the float32 gradients (8 significant bits), and not the same program.
+    for got, ref in ((dx, fx), (dw, fw)):
+        err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
+        assert 0 < err < 2**-7

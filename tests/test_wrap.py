@@ -192,6 +192,8 @@ def test_int_matmul_refuses_what_it_cannot_make_exact():
         wrap.Rule(pattern=".*", int_matmul=True, w_bits=2, scale_mode="max")
     with pytest.raises(ValueError, match="w_bits=32 is not allowed"):
         wrap.Rule(pattern=".*", int_matmul=True, w_bits=32, scale_mode="learned")
+    with pytest.raises(ValueError, match="bf16_grads=True with int_matmul=False is not allowed"):
+        wrap.Rule(pattern=".*", bf16_grads=True, w_bits=2, scale_mode="learned")
     model = models.MLP(hidden=(16,))
     plan = wrap.make_plan(
         model,
