@@ -210,7 +210,7 @@ def build(results: Path) -> tuple[str, dict]:
         lines.append("| lever | test accuracy | change vs joint |")
         lines.append("|---|---|---|")
         lines.append(
-            f"| joint recipe (LSQ steps, PACT clips, prox, 30 epochs) | "
+            f"| joint recipe (LSQ steps, PACT clips, prox, 30 epochs, bfloat16 backward) | "
             f"{pct(j['test_accuracy'])} | — |"
         )
         names = {
@@ -220,6 +220,7 @@ def build(results: Path) -> tuple[str, dict]:
             "balanced": "balanced blocks (equal per block row)",
             "long_ft": "45 epochs (31 of fine-tuning) instead of 30",
             "distill": "distillation from the FP32 anchor (weight 0.7, T=4)",
+            "f32_grads": "float32 backward matmuls instead of bfloat16 (quant.bf16_grads)",
         }
         for k, r in levers.items():
             d = 100 * (r["test_accuracy"] - j["test_accuracy"])

@@ -13,7 +13,7 @@
 #   levers   experiments.train: the joint setting with one lever changed each: max-abs instead
 #            of learned (LSQ) steps, fixed instead of learned (PACT) clips, no proximal block
 #            lasso, balanced blocks, 45 instead of 30 epochs, distillation from the FP32
-#            anchor (~9 min)
+#            anchor, float32 instead of bfloat16 backward matmuls (~10 min)
 #   grid     experiments.sweep configs/repro_grid.py: 60 settings w x a x compression (~8 min)
 #   shapes   experiments.sweep configs/repro_shapes.py: shallow-dense vs wide- vs deep-sparse
 #            at matched kept weights (~4.5 min)
@@ -70,6 +70,7 @@ for part in "${PARTS[@]}"; do
       train long_ft configs/joint.py "$OUT/levers" --config.num_epochs=45
       train distill configs/joint.py "$OUT/levers" --config.distill.weight=0.7 \
         --config.distill.teacher_workdir="$RUNS/dense_fp32"
+      train f32_grads configs/joint.py "$OUT/levers" --config.quant.bf16_grads=False
       ;;
     grid) sweep grid configs/repro_grid.py ;;
     shapes) sweep shapes configs/repro_shapes.py ;;
