@@ -404,15 +404,10 @@ def int_matmul(x, wq, a_bits, clip, w_step, *, bf16_grads: bool = False):
     return _codes_matmul(x, wq, a, w, c / levels, s / 2.0, bf16_grads)
 
 
-def _codes_dot(a, w, x_ndim):
-    return jax.lax.dot_general(
-        a, w, (((x_ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32
-    )
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _codes_matmul(x, wq, a, w, a_scale, w_scale, bf16_grads):
-    return _codes_dot(a, w, x.ndim) * (a_scale * w_scale)
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return jax.lax.dot_general(a, w, dims, preferred_element_type=jnp.float32) * (a_scale * w_scale)
 
 
 def _codes_matmul_fwd(x, wq, a, w, a_scale, w_scale, bf16_grads):
