@@ -211,26 +211,55 @@ def _codes(x, bits, zero_level: bool):
     return jnp.where(binary, jnp.where(x >= 0, 1.0, -1.0), multi)
 
 
-def _residual(x, bits, zero_level: bool):
-    """``codes - x`` where the straight-through gradient passes, the code elsewhere: the LSQ
-    step gradient's factor, equal element for element to ``_codes(x) - where(inside, x, 0)``,
-    with fewer operations per element than that form (the backward pass that sums it is
-    compute-bound: 0.30 -> 0.24 ms for a 1024x1024 kernel in cache; in the bench's step,
-    paired, pruning and fine-tuning 0.98-0.99 of before at batch 128, prox unchanged).
+def _le(a, b):
+    """``1.0`` where ``a <= b``, else ``0.0``, in float arithmetic (subtract, clip, ceil).
+
+    The weight quantizer's backward pass uses this instead of a compare and a select, which
+    XLA:CPU's fused loops run slowly: a moment update with the straight-through mask takes
+    1.35-1.60x the time of the same memory-bound loop without it, against 1.06-1.12x in this
+    form (``python scripts/probes.py mask-forms``). The mask is computed once per kernel per
+    step for the LSQ sum and again in each of Adam's moment loops, which recompute it.
+    Equal to the compare wherever ``a - b`` is not a subnormal (its sign is then exact: a
+    float difference is zero only for equal operands); callers compare values of order 1
+    with their limits, or the clip (at least 1e-6) with activations.
+
+    Args:
+      a: array.
+      b: array or scalar broadcastable against ``a``.
 
     Returns:
-      ``(r, inside)``: ``inside`` is True where ``x`` lies in the quantizer's range
-      (``[-1, 1]`` for binary), the only place the gradient of the clip is not zero. Inside
-      the range the clip is the identity, so the code is the rounded ``x``; outside it every
-      quantizer's code is ``+-lim`` (``n`` or, binary, ``1``).
+      A float array of 0s and 1s.
+    """
+    return 1.0 - jnp.ceil(jnp.clip(a - b, 0.0, 1.0))
+
+
+def _nonzero(w):
+    """``1.0`` where ``w != 0``, else ``0.0``, with no compare (see :func:`_le`)."""
+    return jnp.abs(jnp.sign(w))
+
+
+def _residual(x, bits, zero_level: bool):
+    """``codes - x`` where the straight-through gradient passes, the code elsewhere: the LSQ
+    step gradient's factor, equal element for element to ``_codes(x) - where(inside, x, 0)``.
+
+    Written with fewer operations than that form and no compare or select per element (see
+    :func:`_le`): the backward pass that sums it is compute-bound. Inside the range the clip
+    is the identity, so the code is the rounded ``x``; outside it every quantizer's code is
+    the clipped ``x`` rounded, ``+-lim`` (``n`` or, binary, ``1``), and ``x * 0`` takes
+    nothing off it.
+
+    Returns:
+      ``(r, inside)``: ``inside`` is 1.0 where ``x`` lies in the quantizer's range (``[-1, 1]``
+      for binary), the only place the gradient of the clip is not zero, else 0.0.
     """
     n = weight_levels(bits, zero_level)
     binary = bits <= 1
     lim = jnp.where(binary, 1.0, n)
-    inside = jnp.abs(x) <= lim
-    pos = x >= 0
-    code_in = jnp.where(binary, jnp.where(pos, 1.0, -1.0), _level(x, zero_level))
-    return jnp.where(inside, code_in - x, jnp.where(pos, lim, -lim)), inside
+    # Scalar predicates: a select on one value per array costs nothing.
+    sign_code = 2.0 * _le(-x, 0.0) - 1.0  # +1 for x >= 0 (signed zeros too), else -1
+    code = jnp.where(binary, sign_code, _level(jnp.clip(x, -lim, lim), zero_level))
+    inside = _le(jnp.abs(x), lim)
+    return code - x * inside, inside
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -262,9 +291,11 @@ def _fake_quant_bwd(zero_level, res, g):
     # it inside its own fused loop.
     x = w * (1.0 / s)
     r, inside = _residual(x, bits, zero_level)
-    full = bits >= FULL_PRECISION
-    live = (w != 0) & ~full
-    ds = jnp.where(live, g * r, 0.0)
+    # 0/1 factors, not selects (see _le): this pass and the optimizer's moment loops, which
+    # recompute dw's factor, are compute-bound. Each value is g * r or g times exactly 1 or 0.
+    full = jnp.asarray(bits >= FULL_PRECISION, w.dtype)
+    live = _nonzero(w) * (1.0 - full)
+    ds = g * r * live
     # s is a scalar or one step per output channel (last axis): sum over the rest. The first
     # levels of a tree of slice additions fuse with the product above into one loop (a
     # reduce op would write the full-size product out and read it back; see
@@ -278,7 +309,7 @@ def _fake_quant_bwd(zero_level, res, g):
     # of w) now runs after the pass above, the last read of w. Without that order XLA must
     # copy w on every step of a training loop before it may update it in place.
     after_ds = 1.0 + 0.0 * ds
-    dw = (jnp.where(full | (live & inside), g, 0.0) * after_ds).astype(w.dtype)
+    dw = (g * jnp.maximum(full, live * inside) * after_ds).astype(w.dtype)
     return dw, ds, jnp.zeros_like(bits)
 
 

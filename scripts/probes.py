@@ -11,6 +11,7 @@ The README's Performance section summarizes them.
     python scripts/probes.py step-windows        # bench step ratios with short and long scans
     python scripts/probes.py memory-state        # b128 prox ratio beside DRAM / cache bandwidth
     python scripts/probes.py ratio-drift         # b128 prox ratio over a 150-round race, in blocks
+    python scripts/probes.py mask-forms          # a moment update's weight mask: select vs 0/1
 
 Each prints its numbers; none is a test. ``sweep-collectives`` and ``device-flag`` start
 subprocesses, because the host device count is fixed when JAX starts.
@@ -476,6 +477,48 @@ def ratio_drift(rounds: int = 150, block: int = 9, n: int = 40) -> None:
               f"  {np.median(p[blk]) / n * 1e3:6.2f}")  # fmt: skip
 
 
+def mask_forms(rounds: int = 40) -> None:
+    """Adam's first-moment update over 4096x1024 arrays with the weight quantizer's
+    straight-through mask (weights in range and not pruned), written with compares and a
+    select and written as 0/1 factors (``quant._le``, ``quant._nonzero``, as the quantizer's
+    backward pass now computes it), each as a time ratio to the same update with no mask."""
+    import jax
+    import jax.numpy as jnp
+
+    from qsparse import quant
+
+    bench = _bench()
+    k = jax.random.split(jax.random.key(0), 3)
+    shape = (4096, 1024)
+    g = 1e-3 * jax.random.normal(k[0], shape)
+    m = 1e-4 * jax.random.normal(k[1], shape)
+    w = 0.05 * jax.random.normal(k[2], shape)
+    w = w.at[::5].set(0.0)  # pruned rows
+    s, lim, b1 = jnp.float32(0.05), jnp.float32(1.0), 0.9
+
+    def no_mask(g, m, w):
+        return (1 - b1) * g + b1 * m + 0.0 * w
+
+    def select(g, m, w):
+        keep = (w != 0) & (jnp.abs(w * (1.0 / s)) <= lim)
+        return (1 - b1) * jnp.where(keep, g, 0.0) + b1 * m
+
+    def factors(g, m, w):
+        keep = quant._nonzero(w) * quant._le(jnp.abs(w * (1.0 / s)), lim)
+        return (1 - b1) * (g * keep) + b1 * m
+
+    fns = {k: jax.jit(f) for k, f in (("none", no_mask), ("select", select), ("0/1", factors))}
+    a, b = fns["select"](g, m, w), fns["0/1"](g, m, w)
+    print(f"select and 0/1 forms equal element for element: {bool((a == b).all())}")
+    t = bench.race({k: (lambda f=f: f(g, m, w)) for k, f in fns.items()}, rounds)
+    for name in ("select", "0/1"):
+        ratio = bench.paired_ratio(t[name], t["none"])
+        print(
+            f"{name:>7s} mask: {1e3 * bench.med(t[name]):.3f} ms, {ratio:.2f}x the unmasked update"
+        )
+    print(f"   none: {1e3 * bench.med(t['none']):.3f} ms ({rounds} rounds, median)")
+
+
 PROBES = {
     "chunked-adam": chunked_adam,
     "step-profile": step_profile,
@@ -486,6 +529,7 @@ PROBES = {
     "step-windows": step_windows,
     "memory-state": memory_state,
     "ratio-drift": ratio_drift,
+    "mask-forms": mask_forms,
 }
 
 

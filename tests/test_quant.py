@@ -223,6 +223,43 @@ def test_lsq_residual_equals_the_codes_expression(zero_level):
         np.testing.assert_array_equal(r, _codes(x, b, zero_level) - jnp.where(inside, x, 0.0))
 
 
+def _select_form_weight_vjp(w, s, bits, zero_level, g):
+    """The weight quantizer's backward pass written with compares and selects (as it was
+    before the 0/1-factor form): per-element ``dw`` and step-gradient terms."""
+    from qsparse.quant import _level, weight_levels
+
+    x = w * (1.0 / s)
+    binary = bits <= 1
+    lim = jnp.where(binary, 1.0, weight_levels(bits, zero_level))
+    inside, pos = jnp.abs(x) <= lim, x >= 0
+    code_in = jnp.where(binary, jnp.where(pos, 1.0, -1.0), _level(x, zero_level))
+    r = jnp.where(inside, code_in - x, jnp.where(pos, lim, -lim))
+    full = bits >= 32
+    live = (w != 0) & ~full
+    return jnp.where(full | (live & inside), g, 0.0), jnp.where(live, g * r, 0.0)
+
+
+@pytest.mark.parametrize("zero_level", [True, False])
+def test_weight_vjp_equals_the_select_form_bit_for_bit(zero_level):
+    # The backward pass multiplies by 0/1 factors instead of selecting (faster in XLA:CPU's
+    # loops); the gradients must be the same numbers, on and around every range edge, rounding
+    # ties, zeros and signed zeros, at every bit width (binary and full precision included).
+    from qsparse.quant import _fake_quant
+
+    s = jnp.linspace(0.05, 0.4, 8)  # one step per output channel: the sum is over 256 rows
+    edges = jnp.array([0.0, -0.0, 0.5, -0.5, 1.0, -1.0, 1.5, -1.5, 3.0, -3.5, 127.0, 127.5])
+    x = jnp.concatenate([jnp.linspace(-200.0, 200.0, 256 - edges.size), edges])
+    w = x[:, None] * s[None, :]
+    g = jnp.cos(jnp.arange(w.size, dtype=jnp.float32)).reshape(w.shape)
+    for bits in (1, 2, 3, 4, 8, 32):
+        b = jnp.float32(bits)
+        _, vjp = jax.vjp(lambda w, s, b=b: _fake_quant(w, s, b, zero_level), w, s)
+        dw, ds = jax.jit(vjp)(g)
+        ref_dw, ref_terms = _select_form_weight_vjp(w, s, b, zero_level, g)
+        np.testing.assert_array_equal(dw, ref_dw)
+        np.testing.assert_array_equal(ds, jnp.sum(ref_terms, axis=0))
+
+
 @pytest.mark.parametrize("zero_level", [True, False])
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_int_matmul_is_the_product_of_the_quantized_operands(zero_level, per_channel):
