@@ -123,7 +123,11 @@ class Sizes:
     """How long each measurement runs.
 
     Attributes:
-      reps: timed rounds per comparison (median taken).
+      step_reps: timed rounds of the step comparison per batch size (median taken).
+      min_reps: the fewest rounds of a comparison that :attr:`budget_s` may cut short.
+      budget_s: seconds of timed rounds after which a comparison stops once it has
+        ``min_reps`` rounds (None: always every round), so that a slower machine runs the
+        minimum and the whole bench stays within 10 minutes.
       step_batches: batch sizes of the step-time comparison.
       steps: scan length per timed call, per batch size.
       matmul_chain: 2048x2048 matmuls per timed peak call.
@@ -134,7 +138,9 @@ class Sizes:
       input_reps: rounds of the input comparison.
     """
 
-    reps: int
+    step_reps: dict[int, int]
+    min_reps: int
+    budget_s: float | None
     step_batches: tuple[int, ...]
     steps: dict[int, int]
     matmul_chain: int
@@ -146,11 +152,18 @@ class Sizes:
 
 
 SIZES = {
-    # Rounds enough for medians that hold still on a shared 2-core VM, where a single round of
-    # the sweep, guard or input comparison varies by +-5% (input: 0.92-1.01 over four runs of
-    # 9 rounds of the same code, hence 13).
+    # Rounds enough for medians that hold still on a shared 2-core VM, where one round's ratio
+    # of two calls varies by 10-15% (other tenants; `probes.py ratio-drift`): the median of n
+    # rounds then by about 1.25 * 0.12 / sqrt(n). The rows whose figures sit nearest their
+    # targets get the most rounds: batch 128 (true ratio 1.02-1.10) 21, about +-0.03; the
+    # input row (0.99 over 41 rounds, blocks of 10 at 0.97-1.02, where 13 rounds read
+    # 0.93-1.00 in five runs of the same code) 41, about +-0.025. Batch 1024 (0.92) keeps 9.
+    # Each stops after 75 s of rounds once it has 9: about 20 and 41 rounds on this 2-core
+    # VM (2.9 and 1.3 s a round), 9 and 13 or so on one at a third of its speed.
     "full": Sizes(
-        reps=9,
+        step_reps={128: 21, 1024: 9},
+        min_reps=9,
+        budget_s=75.0,
         step_batches=(128, 1024),
         # Each call allocates its output state and scratch afresh, and the pages it touches
         # for them cost about 1.3 us each when the allocator has handed them back (0 to 11,000
@@ -165,10 +178,12 @@ SIZES = {
         sweep_reps=11,
         sweep_map=True,
         input_examples=None,
-        input_reps=13,
+        input_reps=41,
     ),
     "quick": Sizes(
-        reps=3,
+        step_reps={128: 3, 1024: 3},
+        min_reps=3,
+        budget_s=None,
         step_batches=(128, 1024),
         steps={128: 10, 1024: 2},
         matmul_chain=2,
@@ -181,7 +196,9 @@ SIZES = {
     # An accelerator runs a step in well under a millisecond: long scans keep each timed call
     # far above launch and timer noise, and the whole run stays within about 5 minutes.
     "gpu": Sizes(
-        reps=7,
+        step_reps={128: 7, 1024: 7},
+        min_reps=7,
+        budget_s=None,
         step_batches=(128, 1024),
         steps={128: 400, 1024: 200},
         matmul_chain=200,
@@ -218,7 +235,12 @@ def _minor_faults() -> int:
 
 
 def race(
-    programs: dict[str, Callable[[], Any]], reps: int, tag: str = ""
+    programs: dict[str, Callable[[], Any]],
+    reps: int,
+    tag: str = "",
+    *,
+    min_reps: int | None = None,
+    budget_s: float | None = None,
 ) -> dict[str, list[float]]:
     """Times programs round-robin after one untimed warm-up call each (the compile).
 
@@ -229,6 +251,9 @@ def race(
       programs: name -> zero-argument callable returning JAX arrays.
       reps: number of rounds.
       tag: prefix of the names recorded in :data:`WARMUP`.
+      min_reps: with ``budget_s``, the rounds always run (default: ``reps``).
+      budget_s: stop after the round that takes the timed rounds past this many seconds,
+        once ``min_reps`` rounds have run; None: run all ``reps``.
 
     Returns:
       name -> list of wall-clock seconds, one per round.
@@ -240,7 +265,11 @@ def race(
     names = list(programs)
     times: dict[str, list[float]] = {k: [] for k in names}
     faults: dict[str, list[int]] = {k: [] for k in names}
+    floor = reps if min_reps is None else min(min_reps, reps)
+    start = time.perf_counter()
     for r in range(reps):
+        if budget_s is not None and r >= floor and time.perf_counter() - start > budget_s:
+            break
         for k in names[r % len(names) :] + names[: r % len(names)]:
             f0 = _minor_faults()
             t0 = time.perf_counter()
@@ -421,13 +450,13 @@ def bench_steps(sz: Sizes) -> dict:
     big = max(sz.step_batches)
     return {
         "batches": {
-            b: step_batch(b, sz.steps[b], sz.reps, sz.matmul_chain if b == big else 0)
+            b: step_batch(b, sz.steps[b], sz.step_reps[b], sz.matmul_chain if b == big else 0, sz)
             for b in sz.step_batches
         }
     }
 
 
-def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
+def step_batch(batch: int, n: int, reps: int, matmul_chain: int, sz: Sizes) -> dict:
     """Plain vs joint step at one batch size, in every phase of :data:`STEP_SCHEDULE`.
 
     Args:
@@ -435,6 +464,7 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
       n: steps per timed call.
       reps: rounds.
       matmul_chain: matmuls per peak-probe call; 0: no FLOP/s figures.
+      sz: the run's sizes (their round floor and time budget).
 
     Returns:
       The entry of this batch size in the results.
@@ -482,7 +512,7 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
     programs["stream"] = stream_program()
     if matmul_chain:
         programs["matmul"] = matmul_program(matmul_chain)
-    t = race(programs, reps, tag=f"b{batch}/")
+    t = race(programs, reps, tag=f"b{batch}/", min_reps=sz.min_reps, budget_s=sz.budget_s)
     # Per round: one in-step mask update (seconds), and the pruning phase as its steady state
     # plus its share of one update.
     upd = [(e - a) / n for e, a in zip(t["prune, update every step"], t["prune"])]
@@ -497,6 +527,7 @@ def step_batch(batch: int, n: int, reps: int, matmul_chain: int) -> dict:
     extra_mb = (cost["joint"]["bytes"] - cost["plain"]["bytes"]) / 1e6 if cost["joint"] else None
     entry = {
         "steps_per_call": n,
+        "rounds": len(t["plain"]),
         "ms_per_step": ms,
         "mask_update_ms": update_ms,
         "ratio": ratios,
@@ -720,7 +751,7 @@ def bench_input(sz: Sizes) -> dict:
         # (85-117 GB/s here), and the epoch's extra memory traffic costs more when it is low.
         "stream": stream_program(),
     }
-    t = race(programs, sz.input_reps, tag="input/")
+    t = race(programs, sz.input_reps, tag="input/", min_reps=sz.min_reps, budget_s=sz.budget_s)
     # The shuffle alone: qsparse's Feistel permutation against a sort of the indices by 64
     # random bits (two uint32 keys), the uniform-permutation-by-sorting it replaced.
     feistel = jax.jit(lambda k: qdata.epoch_indices(k, n, batch))
@@ -741,6 +772,7 @@ def bench_input(sz: Sizes) -> dict:
         "examples": n,
         "steps": steps,
         "note": note,
+        "rounds": len(t["epoch"]),
         "epoch_s": med(t["epoch"]),
         "constant_s": med(t["constant"]),
         "ratio": paired_ratio(t["constant"], t["epoch"]),
@@ -854,12 +886,14 @@ def report(res: dict) -> list[dict]:
     st = res.get("steps")
     if st:
         print("\n1. step time, MLP 784-1024-1024-1024-10 (ms/step, median)")
-        hdr = f"{'batch':>6} {'N':>4} {'plain':>8} {'prox':>8} {'prune*':>8} {'finetune':>9}"
+        hdr = f"{'batch':>6} {'N':>4} {'rounds':>6} {'plain':>8} {'prox':>8} {'prune*':>8}"
+        hdr += f" {'finetune':>9}"
         print(hdr + f" {'mask upd':>9}  ratio prox/prune/finetune: median (best-of)")
         for b, e in st["batches"].items():
             ms, r, rb = e["ms_per_step"], e["ratio"], e["ratio_best"]
             print(
-                f"{b:>6} {e['steps_per_call']:>4} {ms['plain']:8.2f} {ms['prox']:8.2f}"
+                f"{b:>6} {e['steps_per_call']:>4} {e.get('rounds', 0):>6}"
+                f" {ms['plain']:8.2f} {ms['prox']:8.2f}"
                 f" {ms['prune']:8.2f} {ms['finetune']:9.2f} {e['mask_update_ms']:8.1f}ms"
                 + "  "
                 + " / ".join(f"{r[k]:.2f} ({rb[k]:.2f})" for k in ("prox", "prune", "finetune"))
@@ -955,7 +989,8 @@ def report(res: dict) -> list[dict]:
             f"\n4. input pipeline, {ip['dataset']}, {ip['examples']} examples, {ip['steps']} steps"
         )
         print(
-            f"   epoch {ip['epoch_s']:.2f} s | constant batch {ip['constant_s']:.2f} s"
+            f"   {ip.get('rounds', 0)} rounds: epoch {ip['epoch_s']:.2f} s"
+            f" | constant batch {ip['constant_s']:.2f} s"
             f" | ratio {ip['ratio']:.3f} (best-of {ip['ratio_best']:.3f})"
             + (f" | streaming {ip['stream_gbs']:.0f} GB/s" if "stream_gbs" in ip else "")
             + (f"  NOTE: {ip['note']}" if ip["note"] else "")

@@ -454,13 +454,14 @@ def memory_state(reps: int = 9, n: int = 40) -> None:
           f" ratio {ratio:.3f} | DRAM {dram:.0f} GB/s | cache {cache:.0f} GB/s")  # fmt: skip
 
 
-def ratio_drift(rounds: int = 150, block: int = 9, n: int = 40) -> None:
+def ratio_drift(rounds: int = 150, block: int | None = None, n: int = 40) -> None:
     """The bench's batch-128 prox ratio over a long race (about 90 s at 150 rounds), as medians
-    of consecutive blocks of ``block`` rounds (the bench's round count): how much of a
-    bench run's verdict is the few seconds it happened to run in."""
+    of consecutive blocks of ``block`` rounds (default: the bench's round count at batch 128):
+    how much of a bench run's verdict is the few seconds it happened to run in."""
     import numpy as np
 
     bench = _bench()
+    block = block or bench.SIZES["full"].step_reps[128]
     progs = _step_calls(128, n)
     t0 = time.perf_counter()
     t = bench.race(progs, rounds)
