@@ -132,7 +132,7 @@ class Sizes:
       steps: scan length per timed call, per batch size.
       matmul_chain: 2048x2048 matmuls per timed peak call.
       sweep_steps: training steps per setting in the sweep comparison.
-      sweep_reps: rounds of the sweep comparison.
+      sweep_reps: rounds of the sweep comparison and of the divergence guard's.
       sweep_map: also time the ``lax.map`` variant of the sweep (a diagnostic; one compile).
       input_examples: training images per epoch (None: the whole split).
       input_reps: rounds of the input comparison.
@@ -157,9 +157,12 @@ SIZES = {
     # rounds then by about 1.25 * 0.12 / sqrt(n). The rows whose figures sit nearest their
     # targets get the most rounds: batch 128 (true ratio 1.02-1.10) 21, about +-0.03; the
     # input row (0.99 over 41 rounds, blocks of 10 at 0.97-1.02, where 13 rounds read
-    # 0.93-1.00 in five runs of the same code) 41, about +-0.025. Batch 1024 (0.92) keeps 9.
-    # Each stops after 75 s of rounds once it has 9: about 20 and 41 rounds on this 2-core
-    # VM (2.9 and 1.3 s a round), 9 and 13 or so on one at a third of its speed.
+    # 0.93-1.00 in five runs of the same code) 41, about +-0.025; the divergence guard (true
+    # cost about 0, target 2%, NOISY in five of the last six runs at 11 rounds) and the sweep
+    # 21. Batch 1024 (0.92) keeps 9.
+    # Each stops after 75 s of rounds once it has 9: on this 2-core VM about 20 rounds of
+    # batch 128 (2.9 s a round), all 41 of the input and 21 of the guard (1.3-1.4 s), about
+    # 21 of the sweep (3.3 s); 9 of each, or a few more, on a VM at a third of its speed.
     "full": Sizes(
         step_reps={128: 21, 1024: 9},
         min_reps=9,
@@ -175,7 +178,7 @@ SIZES = {
         steps={128: 40, 1024: 8},
         matmul_chain=6,
         sweep_steps=100,
-        sweep_reps=11,
+        sweep_reps=21,
         sweep_map=True,
         input_examples=None,
         input_reps=41,
@@ -681,12 +684,13 @@ def bench_sweep(sz: Sizes) -> dict:
     }
     if sz.sweep_map:
         programs["lax.map"] = lambda: mapped(stacked_states, xy_rep, stacked_specs)
-    t = race(programs, sz.sweep_reps, tag="sweep/")
+    t = race(programs, sz.sweep_reps, tag="sweep/", min_reps=sz.min_reps, budget_s=sz.budget_s)
     n_steps = s * len(SWEEP_SETTINGS)
     return {
         "settings": [list(x) for x in SWEEP_SETTINGS],
         "devices": mesh.devices.size,
         "steps_per_setting": s,
+        "rounds": len(t["vmap"]),
         "schedule": dataclasses.asdict(sched),
         "ms_per_setting_step": {k: 1e3 * med(v) / n_steps for k, v in t.items()},
         "ratio": paired_ratio(t["sequential"], t["vmap"]),
@@ -822,10 +826,11 @@ def bench_guard(sz: Sizes) -> dict:
         epoch = training.make_train_epoch(model, plan, sched, batch, guard=guard)
         fn = jax.jit(training.over_settings(epoch, mesh, (True, False, False, False, True)))
         programs[name] = lambda fn=fn: fn(states, images, labels, key, specs)
-    t = race(programs, sz.sweep_reps, tag="guard/")
+    t = race(programs, sz.sweep_reps, tag="guard/", min_reps=sz.min_reps, budget_s=sz.budget_s)
     return {
         "settings": len(SWEEP_SETTINGS),
         "steps": steps,
+        "rounds": len(t["guard"]),
         "ms_per_setting_step": {
             k: 1e3 * med(v) / (steps * len(SWEEP_SETTINGS)) for k, v in t.items()
         },
@@ -971,7 +976,10 @@ def report(res: dict) -> list[dict]:
             f"\n3. sweep, 8 settings x {sw['steps_per_setting']} steps, MLP 784-256-256-10, b128;"
             f" vmap and lax.map split over {sw['devices']} device(s)"
         )
-        print("   ms per setting-step: " + " | ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+        print(
+            f"   {sw.get('rounds', 0)} rounds; ms per setting-step: "
+            + " | ".join(f"{k} {v:.2f}" for k, v in ms.items())
+        )
         lax_map = sw["ratio_lax_map"]
         print(
             f"   throughput vmap/sequential {sw['ratio']:.2f} (best-of {sw['ratio_best']:.2f})"
@@ -1013,7 +1021,7 @@ def report(res: dict) -> list[dict]:
             f" {gd['steps']} steps, vmapped"
         )
         print(
-            "   ms per setting-step: "
+            f"   {gd.get('rounds', 0)} rounds; ms per setting-step: "
             + " | ".join(f"{k} {v:.3f}" for k, v in ms.items())
             + f" | overhead {100 * gd['overhead']:+.2f}%"
             + f" (best-of {100 * gd['overhead_best']:+.2f}%)"
