@@ -47,8 +47,9 @@ order, keyed ``b128/prox``, ``sweep/vmap`` and so on) and the process's minor pa
 each (``round_faults``), for statistics beyond the medians.
 
 ``--only steps,sweep,input,guard`` runs a subset; on 2 CPU cores ``--quick`` takes 1 to 2
-minutes and the full run 2 to 8 (an AMD EPYC VM: 2; an Intel Xeon VM at 2 GHz: 7 with the
-shorter timed calls before commit e62ac65, about 8 by estimate now); ``--gpu``
+minutes and the full run about 5 (283-337 s on a busy AMD EPYC VM). Its comparisons stop
+after 75 s of rounds once they have 9, so a machine at a third of that speed runs the
+minimum rounds (an Intel Xeon VM at 2 GHz took 7 minutes with 9 to 13 rounds); ``--gpu``
 sizes the scans for an accelerator.
 """
 

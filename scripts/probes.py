@@ -12,6 +12,7 @@ The README's Performance section summarizes them.
     python scripts/probes.py memory-state        # b128 prox ratio beside DRAM / cache bandwidth
     python scripts/probes.py ratio-drift         # b128 prox ratio over a 150-round race, in blocks
     python scripts/probes.py mask-forms          # a moment update's weight mask: select vs 0/1
+    python scripts/probes.py input-order         # the bench's input row, shuffled vs in order
 
 Each prints its numbers; none is a test. ``sweep-collectives`` and ``device-flag`` start
 subprocesses, because the host device count is fixed when JAX starts.
@@ -520,6 +521,60 @@ def mask_forms(rounds: int = 40) -> None:
     print(f"   none: {1e3 * bench.med(t['none']):.3f} ms ({rounds} rounds, median)")
 
 
+def input_order(rounds: int = 25) -> None:
+    """The bench's input comparison (Fashion-MNIST, MLP 784-256-256-10, batch 128) with a
+    third program: the same epoch gathering its batches in index order instead of shuffled.
+    Prints each epoch's constant-batch ratio: what the shuffled rows' cache misses cost."""
+    import jax
+    import jax.numpy as jnp
+
+    from qsparse import data as qdata
+    from qsparse import training
+
+    bench = _bench()
+    batch = 128
+    ds = qdata.load("fashion_mnist")
+    images, labels = jax.device_put(ds.train_x), jax.device_put(ds.train_y)
+    steps = len(ds.train_y) // batch
+    sched = training.Schedule(total_steps=10 * steps, prune_begin=5 * steps, prune_end=8 * steps)
+    model = bench.MLP(hidden=bench.SMALL_HIDDEN)
+    plan, spec = bench.joint_plan(model, qdata.normalize(images[:batch]))
+    state = training.init_state(model, plan, sched, spec, jax.random.key(0), images[:1] / 255.0)
+    epoch = jax.jit(training.make_train_epoch(model, plan, sched, batch))
+    step = training.make_train_step(model, plan, sched)
+    in_order = jnp.arange(steps * batch, dtype=jnp.int32).reshape(steps, batch)
+
+    @jax.jit
+    def ordered(state, images, labels, spec):
+        def body(st, idx):
+            return step(st, qdata.get_batch(images, labels, idx), spec)
+
+        return jax.lax.scan(body, state, in_order)
+
+    @jax.jit
+    def const(state, xy, spec):
+        def body(st, _):  # the batch depends on the step, as in the bench
+            return step(st, (xy[0] + 0.0 * st.step.astype(xy[0].dtype), xy[1]), spec)
+
+        return jax.lax.scan(body, state, None, length=steps)
+
+    fixed = (qdata.normalize(images[:batch]), labels[:batch])
+    keys = iter(jax.random.split(jax.random.key(1), 10 * rounds + 10))
+    t = bench.race(
+        {
+            "shuffled": lambda: epoch(state, images, labels, next(keys), spec),
+            "in order": lambda: ordered(state, images, labels, spec),
+            "constant": lambda: const(state, fixed, spec),
+        },
+        rounds,
+    )
+    for name in ("shuffled", "in order"):
+        print(
+            f"{name:>9s} epoch {bench.med(t[name]):.3f} s; constant-batch ÷ epoch"
+            f" {bench.paired_ratio(t['constant'], t[name]):.3f} ({rounds} rounds)"
+        )
+
+
 PROBES = {
     "chunked-adam": chunked_adam,
     "step-profile": step_profile,
@@ -531,6 +586,7 @@ PROBES = {
     "memory-state": memory_state,
     "ratio-drift": ratio_drift,
     "mask-forms": mask_forms,
+    "input-order": input_order,
 }
 
 
