@@ -524,7 +524,8 @@ def mask_forms(rounds: int = 40) -> None:
 def input_order(rounds: int = 25) -> None:
     """The bench's input comparison (Fashion-MNIST, MLP 784-256-256-10, batch 128) with a
     third program: the same epoch gathering its batches in index order instead of shuffled.
-    Prints each epoch's constant-batch ratio: what the shuffled rows' cache misses cost."""
+    Prints each epoch's constant-batch ratio, then the batch gathers alone: ``get_batch``'s
+    pixel-major gather against example-major ``images[idx]``."""
     import jax
     import jax.numpy as jnp
 
@@ -572,6 +573,29 @@ def input_order(rounds: int = 25) -> None:
         print(
             f"{name:>9s} epoch {bench.med(t[name]):.3f} s; constant-batch ÷ epoch"
             f" {bench.paired_ratio(t['constant'], t[name]):.3f} ({rounds} rounds)"
+        )
+
+    # The gathers alone over one shuffled epoch's batches (each batch summed, so none is
+    # dropped): qdata.get_batch's pixel-major gather against plain example-major indexing.
+    def gathers(get):
+        @jax.jit
+        def run(images, perm):
+            def body(c, idx):
+                return c + jnp.sum(get(images, idx)), None
+
+            return jax.lax.scan(body, jnp.float32(0), perm)[0]
+
+        return run
+
+    perm = qdata.epoch_indices(jax.random.key(2), len(ds.train_y), batch)
+    runs = {
+        "images[idx]": gathers(lambda im, idx: qdata.normalize(im[idx])),
+        "get_batch": gathers(lambda im, idx: qdata.get_batch(im, labels, idx)[0]),
+    }
+    g = bench.race({k: (lambda f=f: f(images, perm)) for k, f in runs.items()}, rounds)
+    for name in runs:
+        print(
+            f"{name:>11s} gather + normalize + sum: {1e6 * bench.med(g[name]) / steps:.0f} us/step"
         )
 
 

@@ -206,3 +206,15 @@ def test_device_batching():
     assert x.shape == (8, 28, 28, 1) and x.dtype == jnp.float32 and y.shape == (8,)
     np.testing.assert_allclose(x, ds.train_x[np.asarray(idx[0])] / 255.0, rtol=1e-6)
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_batch_gather_equals_indexing_for_any_index_shape():
+    # get_batch gathers pixel-major (for speed) and transposes back: the batch must be the
+    # indexed examples in the indices' order and shape, bit for bit, first and last included.
+    ds = data.load("synthetic", synthetic_size=(40, 8))
+    dev = data.to_device(ds)
+    idx = jnp.array([[39, 0, 7], [7, 12, 39]], jnp.int32)
+    x, y = jax.jit(data.get_batch)(dev["train_x"], dev["train_y"], idx)
+    assert x.shape == (2, 3, 28, 28, 1) and y.shape == (2, 3)
+    np.testing.assert_array_equal(x, data.normalize(dev["train_x"][idx]))
+    np.testing.assert_array_equal(y, np.asarray(ds.train_y)[np.asarray(idx)])
