@@ -215,13 +215,14 @@ def _le(a, b):
     """``1.0`` where ``a <= b``, else ``0.0``, in float arithmetic (subtract, clip, ceil).
 
     The weight quantizer's backward pass uses this instead of a compare and a select, which
-    XLA:CPU's fused loops run slowly: a moment update with the straight-through mask takes
-    1.35-1.60x the time of the same memory-bound loop without it, against 1.06-1.12x in this
-    form (``python scripts/probes.py mask-forms``). The mask is computed once per kernel per
-    step for the LSQ sum and again in each of Adam's moment loops, which recompute it.
+    XLA:CPU's fused loops run slowly: a moment update with the straight-through mask took
+    1.15-1.60x the time of the same memory-bound loop without it, against 1.06-1.14x in this
+    form (``python scripts/probes.py mask-forms``, three runs). The mask is computed once per
+    kernel per step for the LSQ sum and again in each of Adam's moment loops, which recompute
+    it.
     Equal to the compare wherever ``a - b`` is not a subnormal (its sign is then exact: a
-    float difference is zero only for equal operands); callers compare values of order 1
-    with their limits, or the clip (at least 1e-6) with activations.
+    float difference is zero only for equal operands); the callers compare weights over
+    their step, values of order 1, with limits of at least 1.
 
     Args:
       a: array.
