@@ -454,25 +454,23 @@ def bench_steps(sz: Sizes) -> dict:
     big = max(sz.step_batches)
     return {
         "batches": {
-            b: step_batch(b, sz.steps[b], sz.step_reps[b], sz.matmul_chain if b == big else 0, sz)
-            for b in sz.step_batches
+            b: step_batch(b, sz, sz.matmul_chain if b == big else 0) for b in sz.step_batches
         }
     }
 
 
-def step_batch(batch: int, n: int, reps: int, matmul_chain: int, sz: Sizes) -> dict:
+def step_batch(batch: int, sz: Sizes, matmul_chain: int) -> dict:
     """Plain vs joint step at one batch size, in every phase of :data:`STEP_SCHEDULE`.
 
     Args:
       batch: batch size.
-      n: steps per timed call.
-      reps: rounds.
+      sz: the run's sizes (steps per timed call, rounds, their floor and time budget).
       matmul_chain: matmuls per peak-probe call; 0: no FLOP/s figures.
-      sz: the run's sizes (their round floor and time budget).
 
     Returns:
       The entry of this batch size in the results.
     """
+    n, reps = sz.steps[batch], sz.step_reps[batch]
     sched = STEP_SCHEDULE
     if n >= min(
         sched.prune_begin, sched.prune_end - sched.prune_begin, sched.total_steps - sched.prune_end
@@ -705,8 +703,18 @@ def bench_sweep(sz: Sizes) -> dict:
 # --- 4: input pipeline -----------------------------------------------------------------------
 
 
-def bench_input(sz: Sizes) -> dict:
-    """An epoch of real data (shuffled, gathered on device) vs the same steps on one batch."""
+def input_setup(examples: int | None = None) -> dict:
+    """The input comparison's data and programs (also used by ``probes.py input-order``).
+
+    Args:
+      examples: training images to use (None: the whole split).
+
+    Returns:
+      A dict: ``dataset``, ``note`` (why synthetic data stands in, or ""), ``images``,
+      ``labels``, ``batch``, ``steps`` per epoch, ``state``, ``spec``, the jitted ``epoch``
+      (shuffled, gathered on device), the training ``step``, the jitted ``const`` (the same
+      steps on one batch) and its batch ``fixed``.
+    """
     batch = 128
     note = ""
     try:
@@ -714,7 +722,7 @@ def bench_input(sz: Sizes) -> dict:
     except (FileNotFoundError, ModuleNotFoundError, OSError) as e:
         note = f"fashion_mnist unavailable ({type(e).__name__}): synthetic data used"
         ds = qdata.load("synthetic", synthetic_size=(60000, 1000))
-    n = len(ds.train_y) if sz.input_examples is None else min(sz.input_examples, len(ds.train_y))
+    n = len(ds.train_y) if examples is None else min(examples, len(ds.train_y))
     images = jax.device_put(ds.train_x[:n])
     labels = jax.device_put(ds.train_y[:n])
     steps = n // batch
@@ -747,6 +755,28 @@ def bench_input(sz: Sizes) -> dict:
         }
 
     fixed = (qdata.normalize(images[:batch]), labels[:batch])
+    return {
+        "dataset": ds.name,
+        "note": note,
+        "images": images,
+        "labels": labels,
+        "batch": batch,
+        "steps": steps,
+        "state": state,
+        "spec": spec,
+        "epoch": epoch,
+        "step": step,
+        "const": const,
+        "fixed": fixed,
+    }
+
+
+def bench_input(sz: Sizes) -> dict:
+    """An epoch of real data (shuffled, gathered on device) vs the same steps on one batch."""
+    su = input_setup(sz.input_examples)
+    images, labels, state, spec = su["images"], su["labels"], su["state"], su["spec"]
+    epoch, const, fixed = su["epoch"], su["const"], su["fixed"]
+    n, batch, steps, note = len(labels), su["batch"], su["steps"], su["note"]
     keys = iter(jax.random.split(jax.random.key(1), 1000))
     programs = {
         # A fresh key per call: every timed epoch is shuffled anew, as in training.
@@ -773,7 +803,7 @@ def bench_input(sz: Sizes) -> dict:
     )
     return {
         "shuffle_ms": {k: 1e3 * med(v) for k, v in shuffles.items()},
-        "dataset": ds.name,
+        "dataset": su["dataset"],
         "examples": n,
         "steps": steps,
         "note": note,

@@ -530,19 +530,12 @@ def input_order(rounds: int = 25) -> None:
     import jax.numpy as jnp
 
     from qsparse import data as qdata
-    from qsparse import training
 
     bench = _bench()
-    batch = 128
-    ds = qdata.load("fashion_mnist")
-    images, labels = jax.device_put(ds.train_x), jax.device_put(ds.train_y)
-    steps = len(ds.train_y) // batch
-    sched = training.Schedule(total_steps=10 * steps, prune_begin=5 * steps, prune_end=8 * steps)
-    model = bench.MLP(hidden=bench.SMALL_HIDDEN)
-    plan, spec = bench.joint_plan(model, qdata.normalize(images[:batch]))
-    state = training.init_state(model, plan, sched, spec, jax.random.key(0), images[:1] / 255.0)
-    epoch = jax.jit(training.make_train_epoch(model, plan, sched, batch))
-    step = training.make_train_step(model, plan, sched)
+    su = bench.input_setup()
+    images, labels, state, spec = su["images"], su["labels"], su["state"], su["spec"]
+    epoch, step, const, fixed = su["epoch"], su["step"], su["const"], su["fixed"]
+    batch, steps = su["batch"], su["steps"]
     in_order = jnp.arange(steps * batch, dtype=jnp.int32).reshape(steps, batch)
 
     @jax.jit
@@ -552,14 +545,6 @@ def input_order(rounds: int = 25) -> None:
 
         return jax.lax.scan(body, state, in_order)
 
-    @jax.jit
-    def const(state, xy, spec):
-        def body(st, _):  # the batch depends on the step, as in the bench
-            return step(st, (xy[0] + 0.0 * st.step.astype(xy[0].dtype), xy[1]), spec)
-
-        return jax.lax.scan(body, state, None, length=steps)
-
-    fixed = (qdata.normalize(images[:batch]), labels[:batch])
     keys = iter(jax.random.split(jax.random.key(1), 10 * rounds + 10))
     t = bench.race(
         {
@@ -587,7 +572,7 @@ def input_order(rounds: int = 25) -> None:
 
         return run
 
-    perm = qdata.epoch_indices(jax.random.key(2), len(ds.train_y), batch)
+    perm = qdata.epoch_indices(jax.random.key(2), len(labels), batch)
     runs = {
         "images[idx]": gathers(lambda im, idx: qdata.normalize(im[idx])),
         "get_batch": gathers(lambda im, idx: qdata.get_batch(im, labels, idx)[0]),
