@@ -319,35 +319,69 @@ def index_permutation(key: jax.Array, n: int) -> jax.Array:
     return y.astype(jnp.int32)
 
 
-def get_batch(images: jax.Array, labels: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _line_offsets(row: int) -> np.ndarray:
+    """Byte offsets into a row of ``row`` bytes that fall in every 64-byte cache line the row
+    spans, wherever it starts: every 64th byte and the last one."""
+    return np.minimum(np.arange(0, row + 63, 64), row - 1)
+
+
+def _touch_rows(images: jax.Array, idx: jax.Array) -> jax.Array:
+    """Reads one byte of each cache line of the indexed rows; returns ``idx``, made to depend
+    on those reads so that the batch's gather runs after them.
+
+    A software prefetch for XLA:CPU, which has no prefetch instruction: the gather fused with
+    the normalization spends many instructions on each byte, so its loop has only a line or
+    two of the shuffled rows in flight at a time; this loop loads once per 64-byte line, many
+    of its cache misses overlap, and the gather then reads the rows from cache.
+
+    Args:
+      images: the dataset `(N, ...)`.
+      idx: int indices, any shape `S`, in [0, N).
+
+    Returns:
+      `idx`, unchanged.
+    """
+    flat = images.reshape(images.shape[0], -1)
+    touched = flat.at[idx[..., None], _line_offsets(flat.shape[1])].get(mode="clip")
+    # The sum is >= 0, so min(sum, 0) == 0, which XLA cannot prove: the dependency stays.
+    return idx + jnp.minimum(jnp.sum(touched.astype(jnp.int32)), 0)
+
+
+def get_batch(
+    images: jax.Array, labels: jax.Array, idx: jax.Array, *, prefetch: bool = True
+) -> tuple[jax.Array, jax.Array]:
     """Gathers a batch from device-resident data.
 
     Args:
       images: uint8 images `(N, H, W, C)`.
       labels: int labels `(N,)`.
       idx: int indices, any shape `S`.
+      prefetch: on a CPU, read one byte of each cache line of the rows before gathering
+        them, so that their cache misses overlap (the same batch either way).
 
     Returns:
       `(x, y)`: float32 images in [0, 1] of shape `S + (H, W, C)`, labels of shape `S`.
     """
+    if prefetch:
+        # CPU only: a GPU hides the gather's latency with its own threads, and an extra
+        # kernel and its dependency would only add to each step.
+        idx = jax.lax.platform_dependent(images, idx, cpu=_touch_rows, default=lambda _, i: i)
     flat = images.reshape(images.shape[0], -1)
-    # The gather's output is pixel-major, (pixels, examples): XLA:CPU emits a gather as one loop
-    # over its output in layout order, so consecutive loads come from all the batch's rows at
-    # once, and their cache misses overlap instead of stalling one row after another. The
-    # example-major gather (`images[idx]`) took 5x as long for 128 shuffled Fashion-MNIST rows
-    # (`python scripts/probes.py input-order`). Indices lie in [0, N) here; any outside are
-    # clipped (no wraparound of negative indices).
+    # One row per index, clipped into [0, N) (no wraparound of negative indices). XLA fuses
+    # the gather with the normalization into the loop that writes the float32 batch. (A
+    # pixel-major gather, `(pixels, examples)`, is rewritten into this one by XLA's simplifier
+    # once a matmul reads the batch; `python scripts/probes.py input-order`.)
     dims = jax.lax.GatherDimensionNumbers(
-        offset_dims=(0,), collapsed_slice_dims=(0,), start_index_map=(0,)
+        offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,)
     )
-    cols = jax.lax.gather(
+    rows = jax.lax.gather(
         flat,
         idx.reshape(-1, 1),
         dims,
         slice_sizes=(1, flat.shape[1]),
         mode=jax.lax.GatherScatterMode.CLIP,
     )
-    x = cols.T.reshape(idx.shape + images.shape[1:])
+    x = rows.reshape(idx.shape + images.shape[1:])
     return normalize(x), labels[idx]
 
 

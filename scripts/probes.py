@@ -21,6 +21,7 @@ subprocesses, because the host device count is fixed when JAX starts.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import subprocess
@@ -522,10 +523,11 @@ def mask_forms(rounds: int = 40) -> None:
 
 
 def input_order(rounds: int = 25) -> None:
-    """The bench's input comparison (Fashion-MNIST, MLP 784-256-256-10, batch 128) with a
-    third program: the same epoch gathering its batches in index order instead of shuffled.
-    Prints each epoch's constant-batch ratio, then the batch gathers alone: ``get_batch``'s
-    pixel-major gather against example-major ``images[idx]``."""
+    """The bench's input comparison (Fashion-MNIST, MLP 784-256-256-10, batch 128) with two
+    more epochs: shuffled without ``get_batch``'s prefetch, and in index order. Prints each
+    epoch's constant-batch ratio, then the batch gathers alone: ``get_batch`` with and without
+    its prefetch, pixel-major and ``images[idx]`` on the 4-D array, each under a sum and under
+    a matmul, beside a slice of consecutive rows."""
     import jax
     import jax.numpy as jnp
 
@@ -538,50 +540,90 @@ def input_order(rounds: int = 25) -> None:
     batch, steps = su["batch"], su["steps"]
     in_order = jnp.arange(steps * batch, dtype=jnp.int32).reshape(steps, batch)
 
-    @jax.jit
-    def ordered(state, images, labels, spec):
+    @functools.partial(jax.jit, static_argnames="prefetch")
+    def scanned(state, images, labels, perm, spec, prefetch=True):
         def body(st, idx):
-            return step(st, qdata.get_batch(images, labels, idx), spec)
+            return step(st, qdata.get_batch(images, labels, idx, prefetch=prefetch), spec)
 
-        return jax.lax.scan(body, state, in_order)
+        return jax.lax.scan(body, state, perm)
+
+    shuffle = jax.jit(lambda k: qdata.epoch_indices(k, len(labels), batch))
+
+    def fresh_perm():
+        return shuffle(next(keys))
 
     keys = iter(jax.random.split(jax.random.key(1), 10 * rounds + 10))
-    t = bench.race(
-        {
-            "shuffled": lambda: epoch(state, images, labels, next(keys), spec),
-            "in order": lambda: ordered(state, images, labels, spec),
-            "constant": lambda: const(state, fixed, spec),
-        },
-        rounds,
-    )
-    for name in ("shuffled", "in order"):
+    epochs = {
+        "shuffled": lambda: epoch(state, images, labels, next(keys), spec),
+        "shuffled, no prefetch": lambda: scanned(
+            state, images, labels, fresh_perm(), spec, prefetch=False
+        ),
+        "in order": lambda: scanned(state, images, labels, in_order, spec),
+    }
+    t = bench.race({**epochs, "constant": lambda: const(state, fixed, spec)}, rounds)
+    for name in epochs:
         print(
-            f"{name:>9s} epoch {bench.med(t[name]):.3f} s; constant-batch ÷ epoch"
+            f"{name:>21s} epoch {bench.med(t[name]):.3f} s; constant-batch ÷ epoch"
             f" {bench.paired_ratio(t['constant'], t[name]):.3f} ({rounds} rounds)"
         )
 
-    # The gathers alone over one shuffled epoch's batches (each batch summed, so none is
-    # dropped): qdata.get_batch's pixel-major gather against plain example-major indexing.
-    def gathers(get):
+    # The gathers alone over one shuffled epoch's batches, under two consumers: a sum (the only
+    # one this probe had before the ninth session) and a matmul with a 784x16 matrix, as the
+    # first layer reads the batch; beside consecutive rows sliced in order. XLA compiles the
+    # pixel-major form, (pixels, examples) transposed back, into the same example-major
+    # gather. Only under the sum does the form matter: the 4-D `images[idx]` then fuses into
+    # the reduction as a slow loop (the ~300 us a step that commit bdd3971 set out to cure).
+    perm = qdata.epoch_indices(jax.random.key(2), len(labels), batch)
+    w = jax.random.normal(jax.random.key(3), (784, 16))
+    dims = jax.lax.GatherDimensionNumbers(
+        offset_dims=(0,), collapsed_slice_dims=(0,), start_index_map=(0,)
+    )
+
+    def pixel_major(im, idx):
+        flat = im.reshape(im.shape[0], -1)
+        cols = jax.lax.gather(flat, idx.reshape(-1, 1), dims, slice_sizes=(1, flat.shape[1]))
+        return qdata.normalize(cols.T)
+
+    def consecutive(im, idx):
+        # idx is a row of `in_order`: the batch's rows are consecutive, read as one slice
+        flat = im.reshape(im.shape[0], -1)
+        return qdata.normalize(jax.lax.dynamic_slice_in_dim(flat, idx[0], batch))
+
+    gets = {
+        "get_batch": lambda im, idx: qdata.get_batch(im, labels, idx)[0].reshape(batch, -1),
+        "no prefetch": lambda im, idx: qdata.get_batch(im, labels, idx, prefetch=False)[0].reshape(
+            batch, -1
+        ),
+        "pixel-major": pixel_major,
+        "images[idx]": lambda im, idx: qdata.normalize(im[idx]).reshape(batch, -1),
+        "slice in order": consecutive,
+    }
+    consumers = {"sum": jnp.sum, "matmul": lambda x: jnp.sum(x @ w)}
+
+    def program(get, use):
         @jax.jit
         def run(images, perm):
             def body(c, idx):
-                return c + jnp.sum(get(images, idx)), None
+                return c + use(get(images, idx)), None
 
             return jax.lax.scan(body, jnp.float32(0), perm)[0]
 
         return run
 
-    perm = qdata.epoch_indices(jax.random.key(2), len(labels), batch)
-    runs = {
-        "images[idx]": gathers(lambda im, idx: qdata.normalize(im[idx])),
-        "get_batch": gathers(lambda im, idx: qdata.get_batch(im, labels, idx)[0]),
-    }
-    g = bench.race({k: (lambda f=f: f(images, perm)) for k, f in runs.items()}, rounds)
-    for name in runs:
-        print(
-            f"{name:>11s} gather + normalize + sum: {1e6 * bench.med(g[name]) / steps:.0f} us/step"
-        )
+    runs, kept = {}, {}
+    for gname, get in gets.items():
+        for cname, use in consumers.items():
+            run = program(get, use)
+            p = in_order if gname == "slice in order" else perm
+            hlo = run.lower(images, p).compile().as_text()
+            shapes = re.findall(r"= u8\[([\d,]+)\][^ ]* gather\(", hlo)
+            kept[(gname, cname)] = ", ".join(f"u8[{x}]" for x in shapes) or "none"
+            runs[(gname, cname)] = lambda run=run, p=p: run(images, p)
+    g = bench.race({f"{k[0]}/{k[1]}": f for k, f in runs.items()}, rounds)
+    print(f"\nshuffled batches: gather + normalize + consumer, us/step ({rounds} rounds, median)")
+    for (gname, cname), _ in runs.items():
+        us = 1e6 * bench.med(g[f"{gname}/{cname}"]) / steps
+        print(f"{gname:>15s} + {cname:6s} {us:6.0f}  (compiled gathers: {kept[(gname, cname)]})")
 
 
 PROBES = {

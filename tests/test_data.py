@@ -2,6 +2,7 @@
 
 import gzip
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -209,7 +210,7 @@ def test_device_batching():
 
 
 def test_batch_gather_equals_indexing_for_any_index_shape():
-    # get_batch gathers pixel-major (for speed) and transposes back: the batch must be the
+    # get_batch gathers flattened rows with lax.gather and reshapes them: the batch must be the
     # indexed examples in the indices' order and shape, bit for bit, first and last included.
     ds = data.load("synthetic", synthetic_size=(40, 8))
     dev = data.to_device(ds)
@@ -218,3 +219,31 @@ def test_batch_gather_equals_indexing_for_any_index_shape():
     assert x.shape == (2, 3, 28, 28, 1) and y.shape == (2, 3)
     np.testing.assert_array_equal(x, data.normalize(dev["train_x"][idx]))
     np.testing.assert_array_equal(y, np.asarray(ds.train_y)[np.asarray(idx)])
+
+
+@pytest.mark.parametrize("row", [1, 10, 63, 64, 65, 784, 3072])
+def test_line_offsets_fall_in_every_cache_line_a_row_spans(row):
+    # Wherever a row starts within a 64-byte line, the prefetch's offsets must hit each line
+    # the row's bytes lie in, and no byte outside the row.
+    cols = data._line_offsets(row)
+    assert cols.min() >= 0 and cols.max() == row - 1
+    for start in range(64):
+        spanned = set(range(start // 64, (start + row - 1) // 64 + 1))
+        assert {(start + c) // 64 for c in cols} == spanned, (row, start)
+
+
+def test_touch_rows_returns_the_indices():
+    images = (jnp.arange(40 * 784) % 251).astype(jnp.uint8).reshape(40, 28, 28, 1)
+    idx = jnp.array([[39, 0, 7], [7, 12, 39]], jnp.int32)
+    np.testing.assert_array_equal(jax.jit(data._touch_rows)(images, idx), idx)
+
+
+def test_cpu_batch_gather_keeps_its_prefetch_after_compilation():
+    # XLA must not drop the prefetch as dead code: the compiled CPU program gathers the
+    # one-byte-per-line reads (128 rows x 14 offsets of a 784-byte row) and the rows.
+    images = jnp.zeros((300, 28, 28, 1), jnp.uint8)
+    labels = jnp.zeros((300,), jnp.int32)
+    idx = jnp.arange(128, dtype=jnp.int32)
+    hlo = jax.jit(data.get_batch).lower(images, labels, idx).compile().as_text()
+    assert "u8[1792" in hlo, "the per-line reads are gone from the compiled program"
+    assert re.search(r"u8\[128,(1,)?784\][^\n]*gather\(", hlo)
