@@ -568,8 +568,8 @@ def input_order(rounds: int = 25) -> None:
         )
 
     # The gathers alone over one shuffled epoch's batches, under two consumers: a sum (the only
-    # one this probe had before the ninth session) and a matmul with a 784x16 matrix, as the
-    # first layer reads the batch; beside consecutive rows sliced in order. XLA compiles the
+    # one this probe had until commit 162c59a) and a matmul with a 784x16 matrix, as the first
+    # layer reads the batch; beside consecutive rows sliced in order. XLA compiles the
     # pixel-major form, (pixels, examples) transposed back, into the same example-major
     # gather. Only under the sum does the form matter: the 4-D `images[idx]` then fuses into
     # the reduction as a slow loop (the ~300 us a step that commit bdd3971 set out to cure).
