@@ -247,3 +247,16 @@ def test_cpu_batch_gather_keeps_its_prefetch_after_compilation():
     hlo = jax.jit(data.get_batch).lower(images, labels, idx).compile().as_text()
     assert "u8[1792" in hlo, "the per-line reads are gone from the compiled program"
     assert re.search(r"u8\[128,(1,)?784\][^\n]*gather\(", hlo)
+
+
+def test_batch_prefetch_is_staged_for_the_cpu_only():
+    # Lowered for a GPU (no GPU needed to lower), the batch has no per-line reads: the
+    # prefetch would only add a kernel and a dependency there. Lowered for the CPU it has them.
+    images = jnp.zeros((300, 28, 28, 1), jnp.uint8)
+    labels = jnp.zeros((300,), jnp.int32)
+    idx = jnp.arange(128, dtype=jnp.int32)
+    traced = jax.jit(data.get_batch).trace(images, labels, idx)
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    gpu = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "128x14xui8" in cpu
+    assert "128x14xui8" not in gpu and "128x784xui8" in gpu
