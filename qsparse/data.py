@@ -325,7 +325,7 @@ def _line_offsets(row: int) -> np.ndarray:
     return np.minimum(np.arange(0, row + 63, 64), row - 1)
 
 
-def _touch_rows(images: jax.Array, idx: jax.Array) -> jax.Array:
+def _touch_rows(flat: jax.Array, idx: jax.Array) -> jax.Array:
     """Reads one byte of each cache line of the indexed rows; returns ``idx``, made to depend
     on those reads so that the batch's gather runs after them.
 
@@ -335,13 +335,12 @@ def _touch_rows(images: jax.Array, idx: jax.Array) -> jax.Array:
     of its cache misses overlap, and the gather then reads the rows from cache.
 
     Args:
-      images: the dataset `(N, ...)`.
+      flat: the dataset, one row per example `(N, bytes)`.
       idx: int indices, any shape `S`, in [0, N).
 
     Returns:
       `idx`, unchanged.
     """
-    flat = images.reshape(images.shape[0], -1)
     touched = flat.at[idx[..., None], _line_offsets(flat.shape[1])].get(mode="clip")
     # The sum is >= 0, so min(sum, 0) == 0, which XLA cannot prove: the dependency stays.
     return idx + jnp.minimum(jnp.sum(touched.astype(jnp.int32)), 0)
@@ -362,11 +361,11 @@ def get_batch(
     Returns:
       `(x, y)`: float32 images in [0, 1] of shape `S + (H, W, C)`, labels of shape `S`.
     """
+    flat = images.reshape(images.shape[0], -1)
     if prefetch:
         # CPU only: a GPU hides the gather's latency with its own threads, and an extra
         # kernel and its dependency would only add to each step.
-        idx = jax.lax.platform_dependent(images, idx, cpu=_touch_rows, default=lambda _, i: i)
-    flat = images.reshape(images.shape[0], -1)
+        idx = jax.lax.platform_dependent(flat, idx, cpu=_touch_rows, default=lambda _, i: i)
     # One row per index, clipped into [0, N) (no wraparound of negative indices). XLA fuses
     # the gather with the normalization into the loop that writes the float32 batch. (A
     # pixel-major gather, `(pixels, examples)`, is rewritten into this one by XLA's simplifier

@@ -233,18 +233,21 @@ def test_line_offsets_fall_in_every_cache_line_a_row_spans(row):
 
 
 def test_touch_rows_returns_the_indices():
-    images = (jnp.arange(40 * 784) % 251).astype(jnp.uint8).reshape(40, 28, 28, 1)
+    images = (jnp.arange(40 * 784) % 251).astype(jnp.uint8).reshape(40, 784)
     idx = jnp.array([[39, 0, 7], [7, 12, 39]], jnp.int32)
     np.testing.assert_array_equal(jax.jit(data._touch_rows)(images, idx), idx)
+
+
+def _batch_of_128():
+    """`get_batch`'s arguments for 128 of 300 Fashion-MNIST-sized images."""
+    images = jnp.zeros((300, 28, 28, 1), jnp.uint8)
+    return images, jnp.zeros((300,), jnp.int32), jnp.arange(128, dtype=jnp.int32)
 
 
 def test_cpu_batch_gather_keeps_its_prefetch_after_compilation():
     # XLA must not drop the prefetch as dead code: the compiled CPU program gathers the
     # one-byte-per-line reads (128 rows x 14 offsets of a 784-byte row) and the rows.
-    images = jnp.zeros((300, 28, 28, 1), jnp.uint8)
-    labels = jnp.zeros((300,), jnp.int32)
-    idx = jnp.arange(128, dtype=jnp.int32)
-    hlo = jax.jit(data.get_batch).lower(images, labels, idx).compile().as_text()
+    hlo = jax.jit(data.get_batch).lower(*_batch_of_128()).compile().as_text()
     assert "u8[1792" in hlo, "the per-line reads are gone from the compiled program"
     assert re.search(r"u8\[128,(1,)?784\][^\n]*gather\(", hlo)
 
@@ -252,10 +255,7 @@ def test_cpu_batch_gather_keeps_its_prefetch_after_compilation():
 def test_batch_prefetch_is_staged_for_the_cpu_only():
     # Lowered for a GPU (no GPU needed to lower), the batch has no per-line reads: the
     # prefetch would only add a kernel and a dependency there. Lowered for the CPU it has them.
-    images = jnp.zeros((300, 28, 28, 1), jnp.uint8)
-    labels = jnp.zeros((300,), jnp.int32)
-    idx = jnp.arange(128, dtype=jnp.int32)
-    traced = jax.jit(data.get_batch).trace(images, labels, idx)
+    traced = jax.jit(data.get_batch).trace(*_batch_of_128())
     cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
     gpu = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert "128x14xui8" in cpu
