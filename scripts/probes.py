@@ -12,7 +12,7 @@ The README's Performance section summarizes them.
     python scripts/probes.py memory-state        # b128 prox ratio beside DRAM / cache bandwidth
     python scripts/probes.py ratio-drift         # b128 prox ratio over a 150-round race, in blocks
     python scripts/probes.py mask-forms          # a moment update's weight mask: select vs 0/1
-    python scripts/probes.py input-order         # the bench's input row, shuffled vs in order
+    python scripts/probes.py input-order         # the input row: prefetch, order, gather forms
 
 Each prints its numbers; none is a test. ``sweep-collectives`` and ``device-flag`` start
 subprocesses, because the host device count is fixed when JAX starts.
@@ -547,12 +547,12 @@ def input_order(rounds: int = 25) -> None:
 
         return jax.lax.scan(body, state, perm)
 
+    keys = iter(jax.random.split(jax.random.key(1), 10 * rounds + 10))
     shuffle = jax.jit(lambda k: qdata.epoch_indices(k, len(labels), batch))
 
     def fresh_perm():
         return shuffle(next(keys))
 
-    keys = iter(jax.random.split(jax.random.key(1), 10 * rounds + 10))
     epochs = {
         "shuffled": lambda: epoch(state, images, labels, next(keys), spec),
         "shuffled, no prefetch": lambda: scanned(
@@ -589,11 +589,15 @@ def input_order(rounds: int = 25) -> None:
         flat = im.reshape(im.shape[0], -1)
         return qdata.normalize(jax.lax.dynamic_slice_in_dim(flat, idx[0], batch))
 
+    def get_batch(prefetch):
+        def get(im, idx):
+            return qdata.get_batch(im, labels, idx, prefetch=prefetch)[0].reshape(batch, -1)
+
+        return get
+
     gets = {
-        "get_batch": lambda im, idx: qdata.get_batch(im, labels, idx)[0].reshape(batch, -1),
-        "no prefetch": lambda im, idx: qdata.get_batch(im, labels, idx, prefetch=False)[0].reshape(
-            batch, -1
-        ),
+        "get_batch": get_batch(True),
+        "no prefetch": get_batch(False),
         "pixel-major": pixel_major,
         "images[idx]": lambda im, idx: qdata.normalize(im[idx]).reshape(batch, -1),
         "slice in order": consecutive,
