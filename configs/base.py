@@ -24,8 +24,9 @@ def get_base() -> ml_collections.ConfigDict:
 
     c.quant = ml_collections.ConfigDict()
     c.quant.w_bits = 2  # weight bits, 1..8 or 32 (float)
-    c.quant.a_bits = 2  # hidden activation bits, 1..8 or 32
+    c.quant.a_bits = 2  # bits of every other layer's input activations, 1..8 or 32
     c.quant.first_w_bits = 0  # first layer's weight bits; 0 = same as w_bits
+    c.quant.first_a_bits = 0  # bits of the first layer's input (the data); 0 = left as it is
     c.quant.last_w_bits = 0  # last (logits) layer's weight bits; 0 = same as w_bits
     c.quant.scale_mode = "learned"  # max | mean | learned (LSQ step size)
     c.quant.per_channel = False  # one weight scale per output channel

@@ -22,7 +22,7 @@ import numpy as np
 from qsparse import data as qdata
 from qsparse import models, quant, sparsity, training, wrap
 
-ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+ALLOWED_BITS = quant.ALLOWED_BITS
 
 
 class ConfigError(ValueError):
@@ -71,7 +71,7 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
     )
     _check(_bits_ok(config.quant.w_bits), "quant.w_bits", config.quant.w_bits, bits)
     _check(_bits_ok(config.quant.a_bits), "quant.a_bits", config.quant.a_bits, bits)
-    for f in ("first_w_bits", "last_w_bits"):
+    for f in ("first_w_bits", "last_w_bits", "first_a_bits"):
         v = config.quant[f]
         _check(v == 0 or _bits_ok(v), f"quant.{f}", v, "use 0 (same as w_bits) or " + bits[7:])
     _check(
@@ -285,7 +285,8 @@ def _layer_settings(config, names: list[str]) -> dict[str, dict]:
             field = "sparsity.last_block_shape"
         out[name] = {
             "w_bits": w_bits,
-            "a_bits": q.a_bits,
+            # The first layer reads the data itself (uint8 / 255): left as it is by default.
+            "a_bits": (q.first_a_bits or 32) if first else q.a_bits,
             "compression": float(comp) if block else 1.0,
             "block_shape": block or None,
             "block_field": field,
@@ -293,44 +294,29 @@ def _layer_settings(config, names: list[str]) -> dict[str, dict]:
     return out
 
 
-# Every data set is uint8 and reaches the model through qdata.normalize (x / 255): the model's
-# input is on the 8-bit grid (the plan records it; a first layer could multiply its codes).
-DATA_INPUT_BITS = 8
-
-
 def rules_from_config(config, names: list[str]) -> list[wrap.Rule]:
     """One rule per layer (exact names) from the config.
 
     Args:
       config: the config.
-      names: the model's Dense/Conv layers in execution order.
+      names: the model's covered layers in execution order.
 
     Returns:
       The rules.
     """
     q = config.quant
     rules = []
-    settings = _layer_settings(config, names)
-    prev: dict | None = None
-    for name, st in settings.items():
-        # int_matmul where the layer is a Dense fed by a quantized Dense (wrap.make_plan checks
-        # the model really feeds it that output) and the bits fit in bfloat16. Not the first
-        # layer, although its input is on the data's 8-bit grid (DATA_INPUT_BITS): at batch
-        # 128 it gained nothing in the step (1.00-1.01), and the epoch's gathered batch then
-        # feeds two consumers (codes and float32), 4-6% slower against a constant batch.
-        dense = name.split("/")[-1].startswith("Dense")
-        fed = prev is not None and prev["dense"] and prev["a_bits"] <= wrap.INT_MATMUL_MAX_BITS
+    for name, st in _layer_settings(config, names).items():
+        # Integer-code matmuls where the layer is an x @ kernel Dense and its bits fit.
         int_matmul = bool(
             q.get("int_matmul", False)
             and q.scale_mode == "learned"
-            and dense
-            and fed
-            and st["w_bits"] <= wrap.INT_MATMUL_MAX_BITS
+            and name.split("/")[-1].startswith("Dense")
+            and max(st["w_bits"], st["a_bits"]) <= wrap.INT_MATMUL_MAX_BITS
         )
-        prev = {"dense": dense, "a_bits": st["a_bits"]}
         rules.append(
             wrap.Rule(
-                pattern=name,
+                pattern=re.escape(name),
                 w_bits=st["w_bits"],
                 a_bits=st["a_bits"],
                 compression=st["compression"],
@@ -392,7 +378,7 @@ def build_plan(config, model, input_shape) -> tuple[wrap.Plan, list[str]]:
         except ValueError as e:
             raise ConfigError(f"{e} (layer {name})") from None
     rules = rules_from_config(config, names)
-    return wrap.make_plan(model, rules, x, input_bits=DATA_INPUT_BITS), names
+    return wrap.make_plan(model, rules, x), names
 
 
 def build_run(config, dataset: qdata.Dataset | None = None) -> Run:
@@ -506,7 +492,6 @@ def result_metrics(run: Run, state, spec, test_accuracy: float) -> dict:
     )
     mem = run.plan.memory(spec["layers"], deployed)
     first = run.layer_names[0]
-    num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params["params"]))
     return {
         "test_accuracy": float(test_accuracy),
         "w_bits": float(spec["layers"][first]["w_bits"]),
@@ -520,10 +505,10 @@ def result_metrics(run: Run, state, spec, test_accuracy: float) -> dict:
         "codes_bits": int(mem["codes_bits"]),
         "index_bits": int(mem["index_bits"]),
         "scale_bits": int(mem["scale_bits"]),
-        "bias_bits": int(mem["bias_bits"]),
+        "other_bits": int(mem["other_bits"]),
         "activation_memory_bits": int(mem["activation_memory_bits"]),
         "total_memory_bits": int(mem["total_memory_bits"]),
-        "num_params": num_params,
+        "num_params": int(mem["num_params"]),
     }
 
 

@@ -93,7 +93,7 @@ COLUMNS = (
     "codes_bits",
     "index_bits",
     "scale_bits",
-    "bias_bits",
+    "other_bits",
     "activation_memory_bits",
     "total_memory_bits",
     "num_params",
@@ -114,7 +114,7 @@ _INT_COLUMNS = {
     "codes_bits",
     "index_bits",
     "scale_bits",
-    "bias_bits",
+    "other_bits",
     "activation_memory_bits",
     "total_memory_bits",
     "num_params",
@@ -444,7 +444,8 @@ class Program:
 
     Attributes:
       epoch: ``epoch(states, images, labels, keys, specs) -> (states, metrics)``, batched.
-      evaluate: ``evaluate(params, specs, images, labels) -> {"accuracy", "loss"}``, batched.
+      evaluate: ``evaluate(params, specs, images, labels, model_state) -> {"accuracy",
+        "loss"}``, batched.
     """
 
     epoch: Any
@@ -501,20 +502,22 @@ def make_program(run, shape, mesh, vectorize: str) -> Program:
     # The settings axis is split over the devices; each runs its own settings (see
     # training.over_settings), batched by vmap or one after another by lax.map.
     batched_epoch = training.over_settings(epoch, mesh, (True, False, False, True, True), vectorize)
-    batched_eval = training.over_settings(evaluate, mesh, (True, True, False, False), vectorize)
+    batched_eval = training.over_settings(
+        evaluate, mesh, (True, True, False, False, True), vectorize
+    )
 
     def epoch_fn(states, images, labels, keys, specs):
         TRACES[("epoch", shape)] += 1
         return batched_epoch(states, images, labels, keys, specs)
 
-    def eval_fn(params, specs, images, labels):
+    def eval_fn(params, specs, images, labels, model_state):
         TRACES[("eval", shape)] += 1
-        return batched_eval(params, specs, images, labels)
+        return batched_eval(params, specs, images, labels, model_state)
 
     s, r = NamedSharding(mesh, P("settings")), NamedSharding(mesh, P())
     return Program(
         epoch=jax.jit(epoch_fn, in_shardings=(s, r, r, s, s), out_shardings=s),
-        evaluate=jax.jit(eval_fn, in_shardings=(s, s, r, r), out_shardings=s),
+        evaluate=jax.jit(eval_fn, in_shardings=(s, s, r, r, s), out_shardings=s),
     )
 
 
@@ -707,7 +710,7 @@ def _train_chunk(config, workdir, chunk, members, run, prog, dev, per, writer, b
         t0 = time.perf_counter()
         keys = jax.device_put(stack([common.epoch_key(s.seed, epoch) for s in members]), per)
         state, m = prog.epoch(state, dev["train_x"], dev["train_y"], keys, specs)
-        ev = prog.evaluate(state.params, specs, dev["test_x"], dev["test_y"])
+        ev = prog.evaluate(state.params, specs, dev["test_x"], dev["test_y"], state.model_state)
         m, ev = jax.device_get((m, ev))
         seconds += time.perf_counter() - t0
         step = int(np.asarray(jax.device_get(state.step))[0])
@@ -750,7 +753,9 @@ def _train_chunk(config, workdir, chunk, members, run, prog, dev, per, writer, b
     for old in mgr.all_steps():
         if old != final:
             mgr.delete(old)
-    ev = jax.device_get(prog.evaluate(state.params, specs, dev["test_x"], dev["test_y"]))
+    ev = jax.device_get(
+        prog.evaluate(state.params, specs, dev["test_x"], dev["test_y"], state.model_state)
+    )
     host_state, host_specs = jax.device_get((state, specs))
     steps = int(host_state.step[0])
     per_setting = seconds / chunk.num_real  # the chunk's time, shared by its settings

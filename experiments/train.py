@@ -85,7 +85,7 @@ def train_and_evaluate(config, workdir, *, overwrite: bool = False, stop_after_e
         t0 = time.perf_counter()
         key = common.epoch_key(config.seed, epoch)
         state, m = epoch_fn(state, dev["train_x"], dev["train_y"], key, spec, teacher)
-        ev = eval_fn(state.params, spec, dev["test_x"], dev["test_y"])
+        ev = eval_fn(state.params, spec, dev["test_x"], dev["test_y"], state.model_state)
         m, ev = jax.device_get((m, ev))
         dt = time.perf_counter() - t0
         train_seconds += dt
@@ -131,7 +131,9 @@ def train_and_evaluate(config, workdir, *, overwrite: bool = False, stop_after_e
             return None
     writer.flush()
 
-    ev = jax.device_get(eval_fn(state.params, spec, dev["test_x"], dev["test_y"]))
+    ev = jax.device_get(
+        eval_fn(state.params, spec, dev["test_x"], dev["test_y"], state.model_state)
+    )
     results = common.result_metrics(run, state, spec, float(ev["accuracy"]))
     steps = int(state.step)
     results.update(
@@ -159,7 +161,9 @@ def _teacher_logits(config, ds):
     from qsparse import training
 
     run, spec, state, _ = common.restore_run(config.distill.teacher_workdir)
-    fn = jax.jit(lambda x: training.logits_fn(run.model, run.plan, state.params, spec, x))
+    fn = jax.jit(
+        lambda x: training.logits_fn(run.model, run.plan, state.params, spec, x, state.model_state)
+    )
     out = [
         fn(jnp.asarray(ds.train_x[i : i + 5000], jnp.float32) / 255.0)
         for i in range(0, len(ds.train_x), 5000)

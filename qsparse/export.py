@@ -310,9 +310,78 @@ def _check_graph(graph: list, calls: list[dict], input_shape) -> list:
             raise ValueError(f"graph op {kind!r} is not allowed")
         out.append(dict(op))
     used = [op["layer"] for op in out if "layer" in op]
-    if sorted(used) != sorted(by_name):
-        raise ValueError(f"graph uses layers {used}, the model has {list(by_name)}")
+    if used != [c["name"] for c in calls]:
+        raise ValueError(
+            f"graph runs layers {used}, the model runs {[c['name'] for c in calls]} "
+            "(each once, in this order)"
+        )
     return out
+
+
+def _mlp_of(plan: Plan, ordered) -> models.MLP:
+    """The :class:`qsparse.models.MLP` that ``model=None`` stands for, from the plan's layers."""
+    if [lp.name for lp in ordered] != [f"Dense_{i}" for i in range(len(ordered))] or any(
+        len(lp.kernel_shape) != 2 for lp in ordered
+    ):
+        raise ValueError(
+            "model=None stands for a qsparse.models.MLP (layers Dense_0 .. Dense_n), the plan "
+            f"has layers {[lp.name for lp in ordered]}: pass model="
+        )
+    return models.MLP(
+        hidden=tuple(int(lp.kernel_shape[-1]) for lp in ordered[:-1]),
+        num_classes=int(ordered[-1].kernel_shape[-1]),
+    )
+
+
+# Export runs the packed graph next to the model on this many random inputs; a few may differ
+# (an activation quantizer can round a value the other way after a reordered float32 sum).
+_CHECK_EXAMPLES = 64
+_CHECK_MAY_DIFFER = 4
+# (plan, model, jitted plan.apply) of recent exports, so repeated saves compile once.
+_REFERENCES: list[tuple[Plan, nn.Module, Any]] = []
+
+
+def _reference(plan: Plan, model: nn.Module):
+    """``fn(params, qparams, spec, x) -> logits`` of the trained (fake-quantized) model."""
+    for p, m, fn in _REFERENCES:
+        if p is plan and (m is model or m == model):
+            return fn
+    fn = jax.jit(lambda params, qparams, spec, x: plan.apply(model, params, qparams, spec, x))
+    if len(_REFERENCES) >= 8:
+        _REFERENCES.pop(0)
+    _REFERENCES.append((plan, model, fn))
+    return fn
+
+
+def _check_against_model(packed, model, plan, params, qparams, spec) -> None:
+    """Runs the packed graph and the model on one random batch; ValueError where they differ.
+
+    The inputs are random images on the uint8 grid (``u8 / 255``, as in training). An example
+    differs when one of its logits is off by more than ``1e-4 * max(1, max |model logit|)``;
+    more than ``_CHECK_MAY_DIFFER`` such examples and the graph is refused.
+    """
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (_CHECK_EXAMPLES, *packed.input_shape), dtype=np.uint8)
+    x = jnp.asarray(u8).astype(jnp.float32) / 255.0
+    ref = np.asarray(_reference(plan, model)(params, qparams, spec, x), np.float64)
+    got = np.asarray(packed.predict(x), np.float64)
+    if got.shape != ref.shape:
+        bad, worst = _CHECK_EXAMPLES, math.inf
+    else:
+        diff = np.abs(got - ref)
+        tol = 1e-4 * max(1.0, float(np.max(np.abs(ref), initial=0.0)))
+        bad = int(np.sum(np.any(~(diff <= tol), axis=1)))  # NaN differs
+        worst = float(np.max(diff, initial=0.0))
+    if bad > _CHECK_MAY_DIFFER:
+        ops = ", ".join(
+            f"{op['op']} {op['layer']}" if "layer" in op else op["op"] for op in packed.graph
+        )
+        agree = int(np.sum(got.argmax(-1) == ref.argmax(-1))) if got.shape == ref.shape else 0
+        raise ValueError(
+            f"graph does not describe the model: its logits {got.shape[1:]} differ from the "
+            f"model's {ref.shape[1:]} on {bad} of {_CHECK_EXAMPLES} random inputs (max |diff| "
+            f"{worst:.3g}, same prediction on {agree}); graph ops: {ops}"
+        )
 
 
 def _infer_input_shape(plan: Plan) -> tuple[int, ...]:
@@ -425,7 +494,7 @@ def _quantizer(plan: Plan):
             r = lp.rule
             if r.scale_mode != "learned":
                 steps[name] = quant.weight_step(
-                    _get(params, lp.param_path)["kernel"],
+                    _get(params, lp.path),
                     spec[name]["w_bits"],
                     per_channel=r.per_channel,
                     scale_mode=r.scale_mode,
@@ -444,6 +513,16 @@ def _quantizer(plan: Plan):
         _QUANTIZERS.pop(next(iter(_QUANTIZERS)))
     _QUANTIZERS[id(plan)] = (plan, jitted)
     return jitted
+
+
+def _has_bias(plan: Plan, lp) -> bool:
+    return (*lp.path[:-1], "bias") in plan.params_shapes
+
+
+def _next_layer(ordered, lp):
+    """The layer after ``lp`` in a chain, or None for the last."""
+    i = ordered.index(lp)
+    return ordered[i + 1] if i + 1 < len(ordered) else None
 
 
 def _layer_spec(spec) -> Mapping:
@@ -482,11 +561,12 @@ def save(
         training spec with a ``"layers"`` entry is accepted too).
       model: the Linen module (``MLP``, ``LeNet`` or ``VGG`` of :mod:`qsparse.models`); its
         architecture (convolution strides and pads, pooling, flattening) goes to the manifest.
-        ``None`` is allowed for a plain chain of Dense layers (an MLP).
+        ``None`` stands for a :class:`qsparse.models.MLP` (Dense layers only).
       input_shape: one example's shape, e.g. ``(8, 8, 1)``; default: inferred from the plan
         (square images for conv models).
-      graph: explicit op list for other models (see ``docs/FORMAT.md``); checked against a
-        shape trace of ``model``.
+      graph: explicit op list for other models (see ``docs/FORMAT.md``). Every graph, given or
+        built, is checked against a shape trace of ``model``, then run next to the model on 64
+        random inputs: a graph that does not compute what the model computes is refused.
       meta: JSON-serialisable extra facts stored in the manifest (data set, accuracy, ...).
 
     Returns:
@@ -499,7 +579,9 @@ def save(
       index kind, payload bytes).
 
     Raises:
-      ValueError: unsupported model, bad bit widths, or a kernel not on its quantization grid.
+      ValueError: unsupported model, bad bit widths, a kernel not on its quantization grid, or
+        a graph that does not describe the model (its logits differ from the model's on the
+        random inputs; no file is written).
     """
     layer_spec = _layer_spec(spec)
     params, qparams = params_tree["params"], params_tree.get("quant", {})
@@ -520,13 +602,18 @@ def save(
                 raise ValueError("model=None is only allowed for MLPs: pass model=")
             out = (1, lp.kernel_shape[-1])
             calls.append({"name": lp.name, "kind": "dense", "in_shape": shape, "out_shape": out})
-            calls[-1]["use_bias"] = lp.bias_size > 0
+            calls[-1]["use_bias"] = _has_bias(plan, lp)
             shape = out
     if [c["name"] for c in calls] != names:
         raise ValueError(f"traced layers {[c['name'] for c in calls]} differ from plan {names}")
-    graph = _check_graph(
-        graph if graph is not None else _glue_graph(model, names, kinds), calls, input_shape
-    )
+    try:
+        graph = _check_graph(
+            graph if graph is not None else _glue_graph(model, names, kinds), calls, input_shape
+        )
+    except (KeyError, TypeError, IndexError) as e:
+        raise ValueError(f"graph is malformed: {type(e).__name__}: {e}") from None
+    # The module the graph must reproduce (model=None stands for a qsparse.models.MLP).
+    reference_model = model if model is not None else _mlp_of(plan, ordered)
     call_of = {c["name"]: c for c in calls}
 
     quantized = _quantizer(plan)(params, qparams, layer_spec)
@@ -535,11 +622,15 @@ def save(
     layers_out, summary = [], {}
     for lp in ordered:
         name, rule = lp.name, lp.rule
-        w_raw, a_raw = _scalar(layer_spec[name]["w_bits"]), _scalar(layer_spec[name]["a_bits"])
+        # The file stores each layer's output quantizer: the plan's input quantizer of the
+        # layer after it in the chain (the graph check below proves the chain).
+        nxt = _next_layer(ordered, lp)
+        w_raw = _scalar(layer_spec[name]["w_bits"])
+        a_raw = _scalar(layer_spec[nxt.name]["a_bits"]) if nxt is not None else FULL
         quant.check_bits(w_raw, f"{name}.w_bits")
         quant.check_bits(a_raw, f"{name}.a_bits")
         w_bits, a_bits = min(int(w_raw), FULL), min(int(a_raw), FULL)
-        q = np.asarray(_get(qtree, lp.param_path)["kernel"], np.float32)
+        q = np.asarray(_get(qtree, lp.path), np.float32)
         m, n = q.reshape(-1, q.shape[-1]).shape
         mat = q.reshape(m, n)
         sparse = rule.block_shape is not None
@@ -630,17 +721,17 @@ def save(
                 s,
                 "weight step: value = level * step (per output channel if shape [n])",
             )
-        if lp.bias_size:
+        if _has_bias(plan, lp):
             arrays["bias"] = payload.add_f32(
                 f"{name}/bias",
                 name,
                 "bias",
-                np.asarray(_get(params, lp.param_path)["bias"], np.float32),
+                np.asarray(_get(params, (*lp.path[:-1], "bias")), np.float32),
                 "float32 biases",
             )
-        act_q = bool(lp.act_quantized) and a_bits < FULL
+        act_q = nxt is not None and nxt.act_quantized and not nxt.a_signed and a_bits < FULL
         if act_q:
-            clip = np.asarray(qparams[name]["a_clip"], np.float32)
+            clip = np.asarray(qparams[nxt.name]["a_clip"], np.float32)
             arrays["a_clip"] = payload.add_f32(
                 f"{name}/a_clip",
                 name,
@@ -653,7 +744,7 @@ def save(
             "kind": call_of[name]["kind"],
             "kernel_shape": list(lp.kernel_shape),
             "matrix_shape": [m, n],
-            "use_bias": bool(lp.bias_size),
+            "use_bias": _has_bias(plan, lp),
             "w_bits": w_bits,
             "scale_mode": rule.scale_mode,
             "per_channel": bool(rule.per_channel),
@@ -698,7 +789,7 @@ def save(
             "codes_bits": int(mem_q["codes_bits"]),
             "index_bits": int(mem_q["index_bits"]),
             "scale_bits": int(mem_q["scale_bits"]),
-            "bias_bits": int(mem_q["bias_bits"]),
+            "other_bits": int(mem_q["other_bits"]),
         },
         "meta": dict(meta or {}),
     }
@@ -711,6 +802,11 @@ def save(
     man = json.dumps(manifest, default=_json_default, separators=(",", ":")).encode()
     body = b"".join(payload.chunks)
     header = _HEADER.pack(MAGIC, VERSION, len(man), zlib.crc32(man), len(body), zlib.crc32(body))
+    # Read the bytes back and run their graph next to the model: a graph that does not compute
+    # what the model computes is refused before anything is written.
+    _check_against_model(
+        _load_bytes(header + man + body), reference_model, plan, params, qparams, layer_spec
+    )
     path = pathlib.Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -1075,6 +1171,77 @@ def _decode_layer(lay: dict, arrays: dict, payload: memoryview) -> PackedLayer:
     )
 
 
+def _pair(v, name: str, least: int) -> tuple[int, int]:
+    if not (isinstance(v, list) and len(v) == 2 and all(isinstance(a, int) for a in v)):
+        _fail(f"{name} {v!r} is not a pair of integers")
+    if min(v) < least:
+        _fail(f"{name} {v!r} has a value below {least}")
+    return v[0], v[1]
+
+
+def _check_graph_shapes(manifest: dict, layers: dict) -> None:
+    """Walks the graph on shapes against the decoded layers: each op must fit its input, each
+    layer run once in the manifest's order, and the last op give ``(N, num_classes)``."""
+    shape = (1, *manifest["input"]["shape"])
+    if not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        _fail(f"manifest input shape {manifest['input']['shape']} is not a list of sizes")
+    used = []
+    for i, op in enumerate(manifest["graph"]):
+        kind = op["op"]
+        where = f"graph op {i} ({kind})"
+        if kind == "flatten":
+            shape = (1, int(np.prod(shape[1:])))
+        elif kind == "relu":
+            pass
+        elif kind == "max_pool":
+            wh, ww = _pair(op["window"], f"{where} window", 1)
+            sh, sw = _pair(op["strides"], f"{where} strides", 1)
+            if len(shape) != 4 or wh > shape[1] or ww > shape[2]:
+                _fail(f"{where}: window {[wh, ww]} does not fit input shape {shape}")
+            shape = (1, (shape[1] - wh) // sh + 1, (shape[2] - ww) // sw + 1, shape[3])
+        elif kind == "mean":
+            axes = op["axes"]
+            ok = isinstance(axes, list) and all(isinstance(a, int) for a in axes)
+            if not ok or len(set(axes)) != len(axes) or not all(0 < a < len(shape) for a in axes):
+                _fail(f"{where}: axes {axes!r} are not distinct axes 1..{len(shape) - 1}")
+            shape = tuple(d for j, d in enumerate(shape) if j not in axes)
+        elif kind in ("dense", "conv"):
+            lay = layers.get(op["layer"])
+            if lay is None or lay.kind != kind:
+                _fail(f"{where} names no {kind} layer of the manifest: {op['layer']!r}")
+            k = lay.kernel.shape
+            if kind == "dense":
+                if len(shape) != 2 or shape[1] != k[0]:
+                    _fail(f"{where}: layer {lay.name} takes (N, {k[0]}), the graph gives {shape}")
+                shape = (1, k[1])
+            else:
+                (sh, sw) = _pair(lay.entry["strides"], f"layer {lay.name} strides", 1)
+                pads = lay.entry["pads"]
+                if not (isinstance(pads, list) and len(pads) == 2):
+                    _fail(f"layer {lay.name}: pads {pads!r} are not [[top, bottom], [left, right]]")
+                (t, b), (le, r) = (_pair(pd, f"layer {lay.name} pads", 0) for pd in pads)
+                if len(shape) != 4 or shape[3] != k[2]:
+                    _fail(
+                        f"{where}: layer {lay.name} takes (N, H, W, {k[2]}), "
+                        f"the graph gives {shape}"
+                    )
+                h, w = shape[1] + t + b - k[0], shape[2] + le + r - k[1]
+                if h < 0 or w < 0:
+                    _fail(
+                        f"{where}: layer {lay.name}'s {k[0]}x{k[1]} kernel exceeds "
+                        f"its input {shape}"
+                    )
+                shape = (1, h // sh + 1, w // sw + 1, k[3])
+            used.append(lay.name)
+        else:
+            _fail(f"{where}: op {kind!r} is not allowed")
+    if used != list(layers):
+        _fail(f"graph runs layers {used}, the manifest lists {list(layers)} (each once, in order)")
+    last = layers[used[-1]].kernel.shape[-1] if used else None
+    if len(shape) != 2 or shape[1] != manifest.get("num_classes", last):
+        _fail(f"graph ends with shape {shape}, not (N, num_classes)")
+
+
 def load(path) -> PackedModel:
     """Reads and checks a packed model file.
 
@@ -1085,10 +1252,14 @@ def load(path) -> PackedModel:
       A :class:`PackedModel` with the decoded kernels.
 
     Raises:
-      FormatError: bad magic, unsupported version, truncated file, CRC32 mismatch, or a
-        manifest that disagrees with the arrays.
+      FormatError: bad magic, unsupported version, truncated file, CRC32 mismatch, a
+        manifest that disagrees with the arrays, or a graph whose ops do not fit the layers.
     """
-    data = pathlib.Path(path).read_bytes()
+    return _load_bytes(pathlib.Path(path).read_bytes())
+
+
+def _load_bytes(data: bytes) -> PackedModel:
+    """:func:`load` of a file's bytes."""
     manifest, payload = _parse_header(data)
     if manifest.get("version") != VERSION:
         _fail(f"manifest version {manifest.get('version')} disagrees with the header")
@@ -1097,11 +1268,9 @@ def load(path) -> PackedModel:
         layers = {}
         for lay in manifest["layers"]:
             layers[lay["name"]] = _decode_layer(lay, arrays, payload)
-        for op in manifest["graph"]:
-            if "layer" in op and op["layer"] not in layers:
-                _fail(f"graph names layer {op['layer']!r}, which the manifest lacks")
         if len(manifest["input"]["shape"]) < 1:
             _fail("manifest input shape is empty")
+        _check_graph_shapes(manifest, layers)
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, FormatError):
             raise

@@ -172,12 +172,13 @@ def summarize(layers: dict, activations: dict):
 
     Returns:
       dict: ``weight_memory_bits``, ``fp32_weight_memory_bits``, ``weight_compression``,
-      ``codes_bits``, ``index_bits``, ``scale_bits``, ``bias_bits``, ``activation_memory_bits``
+      ``codes_bits``, ``index_bits``, ``scale_bits``, ``other_bits`` (every parameter and
+      statistic that is not a covered weight, at its dtype's bits), ``activation_memory_bits``
       (peak), ``activation_total_bits``, ``total_memory_bits`` (weights + peak activations).
     """
 
     def tot(key):
-        return sum(v[key] for v in layers.values())
+        return sum(v.get(key, 0) for v in layers.values())
 
     weight = tot("total")
     fp32 = tot("fp32")
@@ -189,7 +190,7 @@ def summarize(layers: dict, activations: dict):
         "codes_bits": tot("codes"),
         "index_bits": tot("index"),
         "scale_bits": tot("scales"),
-        "bias_bits": tot("biases"),
+        "other_bits": tot("other"),
         "activation_memory_bits": activations["peak"],
         "activation_total_bits": activations["total"],
         "total_memory_bits": weight + activations["peak"],

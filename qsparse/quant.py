@@ -16,7 +16,8 @@ Level sets (symmetric, ``zero_level=True``, the default):
 Exact zeros (pruned weights) map to zero at every bit width, also for 1-bit and mid-rise sets
 (a pruned block is not stored, so the deployed model computes with zeros there).
 
-Activations are unsigned after ReLU: ``2**bits`` levels ``0, c/(2**bits-1), ..., c`` on ``[0, c]``.
+Activations: unsigned ``2**bits`` levels ``0, c/(2**bits-1), ..., c`` on ``[0, c]`` where the
+input cannot be negative (after a ReLU), signed symmetric levels on ``[-c, c]`` otherwise.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import numpy as np
 from qsparse.reductions import tree_sum
 
 FULL_PRECISION = 32
+ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)  # 16 is stored as 16-bit codes; 32 = float
 SCALE_MODES = ("max", "mean", "learned")
 
 
@@ -41,15 +43,22 @@ def check_bits(bits, name: str = "bits") -> None:
       name: the argument name used in the error message.
 
     Raises:
-      ValueError: a bit width is not an integer in 1..32.
+      ValueError: a bit width is not one of :data:`ALLOWED_BITS`.
     """
     if isinstance(bits, jax.core.Tracer):
         return
-    vals = [float(v) for v in np.ravel(np.asarray(bits)).tolist()]
+    try:
+        vals = [float(v) for v in np.ravel(np.asarray(bits, dtype=np.float64)).tolist()]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{name}={bits!r} is not allowed: bit widths are integers in {ALLOWED_BITS}"
+            " (32 = full precision)"
+        ) from None
     for v in vals:
-        if v != int(v) or v < 1 or v > FULL_PRECISION:
+        if not (np.isfinite(v) and v == int(v) and int(v) in ALLOWED_BITS):
             raise ValueError(
-                f"{name}={v:g} is not allowed: bit widths are integers 1..32 (32 = full precision)"
+                f"{name}={v:g} is not allowed: bit widths are integers in {ALLOWED_BITS}"
+                " (32 = full precision)"
             )
 
 
@@ -338,58 +347,82 @@ def weight_codes(w, bits, step, zero_level: bool = True):
     return jnp.floor(x).astype(jnp.int32)
 
 
-def quantize_activation(x, bits, clip):
-    """Unsigned k-bit activation quantizer on ``[0, clip]``; replaces the ReLU.
+def act_levels(bits, signed: bool = False):
+    """The largest activation code: ``2**bits - 1`` unsigned, ``2**(bits-1) - 1`` signed.
 
-    ``q = round(clip(x, 0, c) / d) * d`` with ``d = c / (2**bits - 1)`` (computed as
-    ``round(clip(x, 0, c) * ((2**bits - 1) / c)) * d``, equal up to float rounding); rounding is
-    straight-through and the gradient is zero outside ``[0, c]``. A learned (PACT-style)
-    ``clip`` receives the gradient of the clipped part. ``bits >= 32`` returns ``relu(x)``.
+    A 1-bit signed quantizer is binary ``{-c, +c}`` (code ``+-1``).
 
     Args:
-      x: pre-activation array.
-      bits: bit width, a value, 1..32.
+      bits: bit width (value, may be traced).
+      signed: the symmetric signed quantizer.
+
+    Returns:
+      The code magnitude as a float array.
+    """
+    bits = jnp.asarray(bits, jnp.float32)
+    if not signed:
+        return jnp.exp2(bits) - 1.0
+    return jnp.maximum(jnp.exp2(bits - 1.0) - 1.0, 1.0)
+
+
+def quantize_activation(x, bits, clip, *, signed: bool = False):
+    """k-bit activation quantizer with straight-through gradients.
+
+    Unsigned (default): ``2**bits`` levels ``0, d, ..., c`` on ``[0, c]``, ``d = c / (2**bits
+    - 1)``, for inputs that cannot be negative (after a ReLU). Signed: the symmetric levels
+    ``-n d .. n d`` on ``[-c, c]`` with ``n = 2**(bits-1) - 1`` and ``d = c / n`` (1 bit:
+    binary ``{-c, +c}``). ``q = round(clip(x) / d) * d``; rounding is straight-through and the
+    gradient is zero outside the range. A learned (PACT-style) ``clip`` receives the gradient
+    of the clipped part. ``bits >= 32`` returns ``x`` unchanged.
+
+    Args:
+      x: activation array.
+      bits: bit width, a value.
       clip: the clipping level ``c > 0`` (fixed value or trainable parameter).
+      signed: the symmetric signed level set (static).
 
     Returns:
       The fake-quantized activations, same shape and dtype as ``x``.
     """
     check_bits(bits)
     c = jnp.maximum(jnp.abs(jnp.asarray(clip, x.dtype)), 1e-6)
-    return _fake_quant_act(x, c, jnp.asarray(bits, jnp.float32))
+    return _fake_quant_act(x, c, jnp.asarray(bits, jnp.float32), bool(signed))
 
 
-@jax.custom_vjp
-def _fake_quant_act(x, c, bits):
-    """``round(clip(x, 0, c) / d) * d`` with ``d = c / (2**bits - 1)``; ``relu(x)`` at 32 bits.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _fake_quant_act(x, c, bits, signed):
+    """``round(clip(x) * (n / c)) * (c / n)`` on ``[0, c]`` or ``[-c, c]``; ``x`` at 32 bits.
 
-    A hand-written VJP for the same reason as :func:`_fake_quant`: one fused pass over the
-    activations instead of the several the differentiated expression keeps. Gradients (PACT,
-    Choi et al. 2018, with a straight-through round): ``dq/dx = 1`` on ``(0, c)``;
-    ``dq/dc = 1`` above ``c`` and ``(round(x/d) - x/d) / (2**bits - 1)`` inside.
+    A hand-written VJP: one fused pass over the activations instead of the several the
+    differentiated expression keeps. Gradients (PACT, Choi et al. 2018, with a
+    straight-through round): ``dq/dx = 1`` inside the range; ``dq/dc = +-1`` beyond it and
+    ``(round(r) - r) / n`` inside, ``r = x n / c``.
     """
-    levels = jnp.exp2(bits) - 1.0
-    # Times the scalar levels / c rather than divided by d (the same value up to rounding):
-    # XLA counts a full-size divide as expensive and would not recompute it in each fused
-    # loop that reads it (this output's, the ReLU's backward, the quantizer's backward), so it
-    # wrote x / d out in full and read it back three times: 5 of the 14 activation-sized
-    # array passes of a layer's step (bench: batch 1024 step ratio 1.16 -> 1.10).
-    q = (jnp.round(jnp.clip(x, 0.0, c) * (levels / c)) * (c / levels)).astype(x.dtype)
-    return jnp.where(bits >= FULL_PRECISION, jax.nn.relu(x), q)
+    n = act_levels(bits, signed)
+    codes = jnp.round(jnp.clip(x, -c if signed else 0.0, c) * (n / c))
+    if signed:  # 1 bit signed is binary {-c, +c}
+        codes = jnp.where(bits <= 1, jnp.where(x >= 0, 1.0, -1.0), codes)
+    q = (codes * (c / n)).astype(x.dtype)
+    return jnp.where(bits >= FULL_PRECISION, x, q)
 
 
-def _fake_quant_act_fwd(x, c, bits):
-    return _fake_quant_act(x, c, bits), (x, c, bits)
+def _fake_quant_act_fwd(x, c, bits, signed):
+    return _fake_quant_act(x, c, bits, signed), (x, c, bits)
 
 
-def _fake_quant_act_bwd(res, g):
+def _fake_quant_act_bwd(signed, res, g):
     x, c, bits = res
-    levels = jnp.exp2(bits) - 1.0
+    n = act_levels(bits, signed)
     full = bits >= FULL_PRECISION
-    inside = (x > 0) & (x < c)
-    dx = jnp.where(full, jnp.where(x > 0, g, 0.0), jnp.where(inside, g, 0.0)).astype(x.dtype)
-    r = x * (levels / c)
-    dc_elem = jnp.where(x >= c, 1.0, jnp.where(inside, (jnp.round(r) - r) / levels, 0.0))
+    lo = -c if signed else 0.0
+    inside = (x > lo) & (x < c)
+    dx = jnp.where(full | inside, g, 0.0).astype(x.dtype)
+    r = x * (n / c)
+    if signed:
+        step = jnp.where(bits <= 1, jnp.sign(x) - r, jnp.round(r) - r) / n
+        dc_elem = jnp.where(x >= c, 1.0, jnp.where(x <= -c, -1.0, jnp.where(inside, step, 0.0)))
+    else:
+        dc_elem = jnp.where(x >= c, 1.0, jnp.where(inside, (jnp.round(r) - r) / n, 0.0))
     dc = jnp.sum(jnp.where(full, 0.0, g * dc_elem)).astype(c.dtype)
     return dx, dc, jnp.zeros_like(bits)
 
@@ -397,7 +430,7 @@ def _fake_quant_act_bwd(res, g):
 _fake_quant_act.defvjp(_fake_quant_act_fwd, _fake_quant_act_bwd)
 
 
-def int_matmul(x, wq, a_bits, clip, w_step, *, bf16_grads: bool = False):
+def int_matmul(x, wq, a_bits, clip, w_step, *, signed: bool = False, bf16_grads: bool = False):
     """``x @ wq`` computed on the integer codes of both operands: exact, and faster on CPUs
     and accelerators with bfloat16 matrix units.
 
@@ -420,6 +453,7 @@ def int_matmul(x, wq, a_bits, clip, w_step, *, bf16_grads: bool = False):
       a_bits: the activation quantizer's bit width (value, <= 8).
       clip: its clip level.
       w_step: the weight quantizer's learned step, ``()`` or ``(out,)``.
+      signed: ``x`` came from the signed activation quantizer.
       bf16_grads: run the two backward matmuls in bfloat16 on the rounded output gradient
         (static: it changes the program).
 
@@ -428,7 +462,7 @@ def int_matmul(x, wq, a_bits, clip, w_step, *, bf16_grads: bool = False):
       product than the float32 matmul).
     """
     c = jnp.maximum(jnp.abs(jnp.asarray(clip, x.dtype)), 1e-6)
-    levels = jnp.exp2(jnp.asarray(a_bits, jnp.float32)) - 1.0
+    levels = act_levels(a_bits, signed)
     s = jnp.maximum(jnp.abs(w_step), 1e-8)
     # The same scalars as the quantizers' own, so the codes come back exactly.
     a = jnp.round(x * (levels / c)).astype(jnp.bfloat16)

@@ -16,7 +16,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -78,11 +77,16 @@ class TrainState(NamedTuple):
       step: int32 step counter.
       params: ``{"params": model params, "quant": quantizer params}``.
       opt_state: the optimizer state (holds the masks).
+      model_state: the model's other collections (batch statistics; NNX RNG counters),
+        updated by every step and used by evaluation.
+      rng: uint32 key data; step ``t`` draws dropout from ``fold_in(rng, t)``.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
+    model_state: Any = ()
+    rng: Any = ()
 
 
 def make_spec(layers_spec, *, learning_rate, prox_strength=0.0) -> dict:
@@ -162,6 +166,19 @@ def make_optimizer(plan: Plan, sched: Schedule, spec) -> optax.GradientTransform
     )
 
 
+def _dropout_key(state: TrainState):
+    """Step ``t``'s dropout key, ``fold_in(rng, t)`` (a fixed base for states without one)."""
+    has = not isinstance(state.rng, tuple)
+    base = jax.random.wrap_key_data(state.rng) if has else jax.random.key(0)
+    return jax.random.fold_in(base, state.step)
+
+
+def _cross_entropy(logits, labels):
+    """Per-example cross entropy over the last axis (sequence models: mean over positions)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return ce.reshape(ce.shape[0], -1).mean(-1) if ce.ndim > 1 else ce
+
+
 def _kernels_only(tree):
     return jax.tree_util.tree_map_with_path(
         lambda kp, _: optim.path_str(kp).endswith("kernel"), tree
@@ -190,43 +207,54 @@ def _per_setting_vmap(axis_size, in_batched, x, like):
     return jnp.broadcast_to(x, (axis_size, *x.shape)), True
 
 
-def init_state(model: nn.Module, plan: Plan, sched: Schedule, spec, key, sample_x) -> TrainState:
-    """Initial parameters, quantizer parameters and optimizer state.
+def init_state(model, plan: Plan, sched: Schedule, spec, key, sample_x) -> TrainState:
+    """Initial parameters, model state, quantizer parameters and optimizer state.
 
     Args:
-      model: the Linen model.
+      model: the model given to :func:`qsparse.wrap.make_plan` (Linen or NNX).
       plan: its plan.
       sched: the schedule.
       spec: the spec (LSQ steps start from its bit widths).
-      key: PRNG key for the parameters.
-      sample_x: a float input batch (shapes only matter).
+      key: PRNG key for the parameters (Linen) and for dropout.
+      sample_x: an input batch (shapes only matter).
 
     Returns:
       A :class:`TrainState` at step 0.
     """
-    params = model.init(key, sample_x)[PARAMS]
+    del model  # the plan holds it
+    init_key, drop_key = jax.random.split(key)
+    params, model_state = plan.init_variables(init_key, sample_x)
     tree = {PARAMS: params, QUANT: plan.init_qparams(params, spec["layers"])}
     opt_state = make_optimizer(plan, sched, spec).init(tree)
-    return TrainState(step=jnp.zeros([], jnp.int32), params=tree, opt_state=opt_state)
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=tree,
+        opt_state=opt_state,
+        model_state=model_state,
+        rng=jax.random.key_data(drop_key),
+    )
 
 
-def logits_fn(model: nn.Module, plan: Plan, params, spec, x):
-    """Logits of the wrapped model.
+def logits_fn(model, plan: Plan, params, spec, x, model_state=None):
+    """Logits of the wrapped model in evaluation mode.
 
     Args:
-      model: the Linen model.
+      model: the model given to :func:`qsparse.wrap.make_plan`.
       plan: its plan.
       params: ``{"params", "quant"}`` tree.
       spec: the spec.
-      x: float input batch.
+      x: input batch.
+      model_state: the model's other collections (batch statistics), if any.
 
     Returns:
-      ``(batch, classes)`` logits.
+      The model's output (``(batch, classes)`` logits).
     """
-    return plan.apply(model, params[PARAMS], params[QUANT], spec["layers"], x)
+    return plan.apply(
+        model, params[PARAMS], params[QUANT], spec["layers"], x, state=model_state or None
+    )
 
 
-def make_train_step(model: nn.Module, plan: Plan, sched: Schedule, *, guard: bool = True):
+def make_train_step(model, plan: Plan, sched: Schedule, *, guard: bool = True):
     """Builds the pure training step.
 
     Args:
@@ -248,27 +276,42 @@ def make_train_step(model: nn.Module, plan: Plan, sched: Schedule, *, guard: boo
       plain batched one; see :func:`qsparse.optim.any_setting` and ``_per_setting``.
     """
 
-    def loss_fn(params, spec, x, y, teacher):
-        logits = logits_fn(model, plan, params, spec, x)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    def loss_fn(params, spec, x, y, teacher, model_state, rng):
+        logits, model_state = plan.apply(
+            model,
+            params[PARAMS],
+            params[QUANT],
+            spec["layers"],
+            x,
+            state=model_state,
+            train=True,
+            rng=rng,
+        )
+        ce = _cross_entropy(logits, y).mean()
         loss = ce
         if teacher is not None and sched.distill_weight:
             t = sched.distill_temperature
             kd = optax.softmax_cross_entropy(logits / t, jax.nn.softmax(teacher / t)).mean()
             loss = (1 - sched.distill_weight) * ce + sched.distill_weight * (t * t) * kd
         acc = jnp.mean(jnp.argmax(logits, -1) == y)
-        return loss, acc
+        return loss, (acc, model_state)
 
     def train_step(state: TrainState, batch, spec):
         x = _per_setting(batch[0], jax.tree.leaves(state.params)[0])
         y = batch[1]
         teacher = batch[2] if len(batch) > 2 else None
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, spec, x, y, teacher
+        rng = _dropout_key(state)
+        (loss, (acc, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params, spec, x, y, teacher, state.model_state or {}, rng
         )
         tx = make_optimizer(plan, sched, spec)
         params, opt_state = optim.apply_step(tx, grads, state.opt_state, state.params)
-        new = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        new = state._replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            model_state=model_state if state.model_state else state.model_state,
+        )
         metrics = {"loss": loss, "accuracy": acc}
         if guard:
             metrics["finite"] = jnp.isfinite(loss)
@@ -277,9 +320,7 @@ def make_train_step(model: nn.Module, plan: Plan, sched: Schedule, *, guard: boo
     return train_step
 
 
-def make_train_epoch(
-    model: nn.Module, plan: Plan, sched: Schedule, batch_size: int, *, guard: bool = True
-):
+def make_train_epoch(model, plan: Plan, sched: Schedule, batch_size: int, *, guard: bool = True):
     """One epoch as a single ``lax.scan`` over device-resident data.
 
     Args:
@@ -372,19 +413,20 @@ def over_settings(fn, mesh, batched: Sequence[bool], vectorize: str = "vmap"):
     )
 
 
-def make_eval(model: nn.Module, plan: Plan, batch_size: int = 1000):
+def make_eval(model, plan: Plan, batch_size: int = 1000):
     """Exact accuracy and loss over a whole split, as one ``lax.scan``.
 
     Args:
-      model: the Linen model.
+      model: the model given to :func:`qsparse.wrap.make_plan`.
       plan: its plan.
       batch_size: evaluation batch (the last batch is padded and masked out).
 
     Returns:
-      ``evaluate(params, spec, images_u8, labels) -> {"accuracy", "loss"}``.
+      ``evaluate(params, spec, images_u8, labels, model_state=None) -> {"accuracy",
+      "loss"}`` (``model_state``: the train state's, for batch statistics).
     """
 
-    def evaluate(params, spec, images, labels):
+    def evaluate(params, spec, images, labels, model_state=None):
         n = images.shape[0]
         steps = -(-n // batch_size)
         idx = jnp.arange(steps * batch_size)
@@ -394,8 +436,8 @@ def make_eval(model: nn.Module, plan: Plan, batch_size: int = 1000):
         def body(carry, inp):
             i, w = inp
             x = data.normalize(images[i])
-            logits = logits_fn(model, plan, params, spec, x)
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels[i])
+            logits = logits_fn(model, plan, params, spec, x, model_state)
+            ce = _cross_entropy(logits, labels[i])
             correct = (jnp.argmax(logits, -1) == labels[i]).astype(jnp.float32)
             return (carry[0] + jnp.sum(correct * w), carry[1] + jnp.sum(ce * w)), None
 

@@ -1,26 +1,39 @@
-"""Rule-based wrapping of unmodified Flax (Linen) models with quantization and block sparsity.
+"""Quantization and block sparsity for any Flax (Linen or NNX) model, at the operation.
 
-A :class:`Rule` names layers by a regular expression on the module path (``"Dense_0"``,
-``"Block_1/Conv_0"``; ``re.fullmatch``) and gives them weight bits, activation bits, a block
-shape and a compression ratio. :func:`make_plan` traces the model once (``jax.eval_shape``,
-no compute), gives every ``nn.Dense`` / ``nn.Conv`` layer the first rule that matches it and
-raises if a rule matches nothing. The :class:`Plan` then
+:func:`make_plan` traces the model once (:mod:`qsparse.intercept`) and finds every *covered
+operation*: a matmul (``dot_general``) or convolution whose weight is a parameter, and an
+embedding lookup (``gather`` from a parameter). That is every ``Dense``, ``DenseGeneral``,
+``Einsum``, ``Conv``, ``Embed`` of Linen and ``Linear``, ``LinearGeneral``, ``Einsum``,
+``Conv``, ``Embed`` of NNX, and hand-written ``x @ w``. A *layer* is one such weight, named by
+its parameter path without the leaf name (``"Dense_0"``, ``"Block_1/Conv_0"``,
+``"decoder/encoderdecoderblock_0/MultiHeadDotProductAttention_0/query"``; the full path when
+one module holds several). A :class:`Rule` names layers by a regular expression on that name
+(``re.fullmatch``, first match wins; a rule that matches nothing is an error) and gives them:
 
-* holds the *static* part (which layers, block shapes, quantizer options, shapes), and
-* makes the *value* part, a ``spec`` pytree ``{layer: {"w_bits", "a_bits", "compression"}}``
-  of float32 arrays, so one compiled program serves every precision and ``jax.vmap`` over
-  stacked specs trains a sweep.
+* weight bits and a block shape / compression: the weight is masked, then fake-quantized,
+  before the model runs (its matrix view is ``(prod(shape[:-1]), shape[-1])``);
+* activation bits: the *input operand* of each of the layer's matmuls / convolutions is
+  fake-quantized where it enters the operation, as AQT, Qwix and Brevitas do. Unsigned on
+  ``[0, clip]`` where the input is provably non-negative (after a ReLU, pooling of a ReLU, a
+  softmax, ...), signed symmetric on ``[-clip, clip]`` otherwise; ``Rule.a_signed`` overrides.
+  An embedding lookup has no activation operand.
 
-The weight transform is mask-then-quantize on each kernel, applied to the parameter tree
-before ``model.apply``. The activation quantizer is applied to the layer's output through
-``nn.intercept_methods``; it clips to ``[0, clip]``, so it stands in for the ReLU that the
-model applies next (ReLU is the identity on its output). Give ``a_bits`` only to layers that
-are followed by a ReLU; leave the logits layer unquantized (``quantize_output=False``).
+Nothing else changes: with every bit width at 32 and compression 1, the wrapped model
+computes exactly what the model computes. Parameters that are not the weight of a covered
+operation (biases, norm scales, position tables) stay as they are and are counted in the
+memory model at their dtype's bits.
+
+The *value* part of the settings is a ``spec`` pytree ``{layer: {"w_bits", "a_bits",
+"compression"}}`` of float32 arrays, so one compiled program serves every precision and
+``jax.vmap`` over stacked specs trains a sweep. The whole model state (batch statistics,
+NNX RNG counters) and the train/eval call arguments are carried by the plan's
+:meth:`Plan.apply`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,41 +43,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qsparse import intercept, quant, sparsity
 from qsparse import memory as mem
-from qsparse import quant, sparsity
 
-LAYER_TYPES = (nn.Dense, nn.Conv)
 INT_MATMUL_MAX_BITS = 8  # integer codes of up to 8 bits are exact in bfloat16
-MODEL_INPUT = "<input>"  # LayerPlan.int_input of a first layer fed the model's own input
+_MODE_ARGS = (  # (argument, value in training, value in evaluation), first found wins
+    ("train", True, False),
+    ("training", True, False),
+    ("is_training", True, False),
+    ("deterministic", False, True),
+    ("use_running_average", False, True),
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule:
-    """Settings for the layers whose module path matches ``pattern``.
+    """Settings for the layers whose name matches ``pattern``.
 
     Attributes:
-      pattern: regular expression, full match on the module path (``"Dense_0"``, ``".*"``).
-      w_bits: weight bits (1..32; 32 = float); the spec's initial value.
-      a_bits: output activation bits (1..32); used when ``quantize_output``.
+      pattern: regular expression, full match on the layer name (``"Dense_0"``, ``".*"``).
+      w_bits: weight bits (see :data:`qsparse.quant.ALLOWED_BITS`; 32 = float); the spec's
+        initial value.
+      a_bits: bits of the layer's input activations (32 = left as they are).
       compression: block compression ratio >= 1 (spec's initial value); needs ``block_shape``.
-      block_shape: ``(bm, bn)`` on the kernel's matrix view, or ``None`` for no block sparsity.
+      block_shape: ``(bm, bn)`` on the weight's matrix view, or ``None`` for no block sparsity.
       per_channel: one weight scale per output channel.
       scale_mode: ``"max"``, ``"mean"`` or ``"learned"`` (LSQ step size, a trainable parameter).
       zero_level: weight level set holds zero (2-bit = ternary); see :mod:`qsparse.quant`.
-      quantize_output: quantize this layer's output activation (replaces the following ReLU);
-        ``None`` (default): every layer but the last one executed (the logits).
+      a_signed: ``None`` (default): unsigned where the input is provably non-negative, signed
+        otherwise; ``True``/``False`` forces it.
       act_clip: initial activation clip level.
       learn_clip: train the clip (PACT); otherwise it stays at ``act_clip``.
-      int_matmul: run the layer's forward matmul on the integer codes of its weights and of
-        its input (:func:`qsparse.quant.int_matmul`: bfloat16 with float32 sums, exact). For a
-        ``nn.Dense`` whose input is the previous layer's quantized output through a ReLU
-        (:func:`make_plan` checks it), with a learned step; its ``w_bits`` and the previous
-        layer's ``a_bits`` must stay at most 8 in every setting (:meth:`Plan.init_spec`
-        refuses more).
+      int_matmul: run the layer's forward matmul on the integer codes of its weight and its
+        quantized input (:func:`qsparse.quant.int_matmul`: bfloat16 with float32 sums,
+        exact). For ``x @ kernel`` layers (``nn.Dense``, ``nnx.Linear``) with a learned step;
+        ``w_bits`` and ``a_bits`` must stay at most 8 in every setting.
       bf16_grads: with ``int_matmul``, run the layer's two backward matmuls in bfloat16 too,
-        on the integer codes and the output gradient rounded to bfloat16 (not exact: 8
-        significant bits, as TPUs' default matmul precision), with float32 sums; about 0.6
-        of the float32 matmuls' time on CPUs with bfloat16 units. Default: float32 gradients.
+        on the integer codes and the output gradient rounded to bfloat16 (not exact).
     """
 
     pattern: str
@@ -75,13 +90,14 @@ class Rule:
     per_channel: bool = False
     scale_mode: str = "max"
     zero_level: bool = True
-    quantize_output: bool | None = None
+    a_signed: bool | None = None
     act_clip: float = 4.0
     learn_clip: bool = False
     int_matmul: bool = False
     bf16_grads: bool = False
 
     def __post_init__(self):
+        where = f" (rule {self.pattern!r})"
         try:
             re.compile(self.pattern)
         except re.error as e:
@@ -95,58 +111,58 @@ class Rule:
             raise ValueError(
                 f"scale_mode={self.scale_mode!r} is not allowed: use one of {quant.SCALE_MODES}"
             )
-        if self.act_clip <= 0:
+        if not self.act_clip > 0:
             raise ValueError(f"act_clip={self.act_clip} is not allowed: use a value > 0")
         if self.int_matmul and self.scale_mode != "learned":
             raise ValueError(
                 f"int_matmul with scale_mode={self.scale_mode!r} is not allowed: it needs"
-                f" scale_mode='learned' (rule {self.pattern!r})"
+                f" scale_mode='learned'{where}"
             )
-        if self.int_matmul and self.w_bits > INT_MATMUL_MAX_BITS:
-            raise ValueError(
-                f"int_matmul with w_bits={self.w_bits} is not allowed: use w_bits <="
-                f" {INT_MATMUL_MAX_BITS} (rule {self.pattern!r})"
-            )
+        for field in ("w_bits", "a_bits"):
+            if self.int_matmul and getattr(self, field) > INT_MATMUL_MAX_BITS:
+                raise ValueError(
+                    f"int_matmul with {field}={getattr(self, field):g} is not allowed: use"
+                    f" {field} <= {INT_MATMUL_MAX_BITS}{where}"
+                )
         if self.bf16_grads and not self.int_matmul:
             raise ValueError(
                 "bf16_grads=True with int_matmul=False is not allowed: the bfloat16 backward"
-                " multiplies the integer codes, so it needs int_matmul=True"
-                f" (rule {self.pattern!r})"
+                f" multiplies the integer codes, so it needs int_matmul=True{where}"
             )
         if self.block_shape is None and self.compression != 1:
-            raise ValueError(
-                f"compression={self.compression} needs block_shape (rule {self.pattern!r})"
-            )
+            raise ValueError(f"compression={self.compression} needs block_shape{where}")
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerPlan:
-    """Static facts about one wrapped layer.
+    """Static facts about one covered weight.
 
     Attributes:
-      name: module path (``"Dense_0"``).
-      param_path: path of its parameters in the params tree (``("Dense_0",)``).
+      name: layer name (``"Dense_0"``).
+      path: path of the weight in the params tree (``("Dense_0", "kernel")``).
       rule: the matching :class:`Rule`.
-      kernel_shape: kernel shape.
-      bias_size: number of biases (0 if none).
-      in_size: values in the layer's input (batch 1).
-      out_size: values in the layer's output (batch 1).
-      order: execution order.
-      act_quantized: whether the output goes through the activation quantizer.
-      int_input: with ``int_matmul``, the layer whose quantized output is this layer's input,
-        or :data:`MODEL_INPUT` for a first layer fed the model's input on a grid (``input_bits``).
+      kernel_shape: the weight's shape.
+      ops: the covered operations using it (``"dot_general"``, ``"conv_general_dilated"``,
+        ``"gather"``), in first-use order.
+      act_quantized: whether it has an activation operand (a matmul or convolution).
+      a_signed: whether that activation quantizer is signed.
+      in_size: values in its (first) activation operand for one example; 0 for lookups.
+      reads_input: that operand is the model's input itself (reshaped at most).
+      order: first use in evaluation order.
+      int_matmul: its matmuls run on integer codes.
     """
 
     name: str
-    param_path: tuple[str, ...]
+    path: tuple
     rule: Rule
     kernel_shape: tuple[int, ...]
-    bias_size: int
-    in_size: int
-    out_size: int
-    order: int
+    ops: tuple[str, ...]
     act_quantized: bool
-    int_input: str | None = None
+    a_signed: bool
+    in_size: int
+    reads_input: bool
+    order: int
+    int_matmul: bool = False
 
     @property
     def block_grid(self) -> tuple[int, int] | None:
@@ -176,35 +192,191 @@ def _concrete(x) -> float | None:
         return None
 
 
-def _get(tree, path):
+def get_path(tree, path):
+    """The subtree of nested mapping ``tree`` at ``path`` (a tuple of keys).
+
+    Args:
+      tree: nested dicts.
+      path: keys from the root.
+
+    Returns:
+      ``tree[path[0]][path[1]]...``.
+    """
     for p in path:
         tree = tree[p]
     return tree
 
 
-def _set(tree, path, value):
-    """Returns a copy of nested dict ``tree`` with ``path`` set to ``value``."""
+def set_path(tree, path, value):
+    """A copy of nested dict ``tree`` with ``path`` set to ``value`` (the rest shared).
+
+    Args:
+      tree: nested dicts.
+      path: keys from the root.
+      value: the new subtree.
+
+    Returns:
+      The new tree.
+    """
     if not path:
         return value
     out = dict(tree)
-    out[path[0]] = _set(tree[path[0]], path[1:], value)
+    out[path[0]] = set_path(tree[path[0]], path[1:], value)
     return out
 
 
-@dataclasses.dataclass(frozen=True)
+def _key_name(k) -> Any:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return getattr(k, attr)
+    return str(k)
+
+
+def _leaf_paths(tree) -> list[tuple]:
+    return [
+        tuple(_key_name(k) for k in kp) for kp, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+    ]
+
+
+# ---- models: one pure form for Linen and NNX ------------------------------------------------
+
+
+def _is_nnx(model) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax always ships nnx here
+        return False
+    return isinstance(model, nnx.Module)
+
+
+@dataclasses.dataclass(eq=False)
+class _Linen:
+    """A Linen module as ``init(key, x) -> variables`` and ``apply(...) -> (y, state)``."""
+
+    module: nn.Module
+    eval_module: nn.Module
+    train_kwargs: dict
+    eval_kwargs: dict
+    rng_names: tuple[str, ...]
+
+    def init(self, key, x):
+        variables = self.eval_module.init(key, x, **self.eval_kwargs)
+        return dict(variables)
+
+    def apply(self, params, state, x, rng, train: bool):
+        variables = {"params": params, **state}
+        if not train:
+            return self.eval_module.apply(variables, x, **self.eval_kwargs), state
+        rngs = {n: jax.random.fold_in(rng, i) for i, n in enumerate(self.rng_names)}
+        mutable = list(state) or False
+        out = self.module.apply(variables, x, rngs=rngs, mutable=mutable, **self.train_kwargs)
+        if mutable:
+            y, new = out
+            return y, {k: new.get(k, v) for k, v in state.items()}
+        return out, state
+
+
+@dataclasses.dataclass(eq=False)
+class _NNX:
+    """An NNX module through its graph/state split (params: ``nnx.Param``; state: the rest)."""
+
+    graph_train: Any
+    graph_eval: Any
+    params_def: Any
+    state_def: Any
+    params: Any
+    state: Any
+
+    def init(self, key, x):
+        del key, x  # an NNX module is built initialised
+        return {"params": self.params, **({"state": self.state} if self.state else {})}
+
+    def apply(self, params, state, x, rng, train: bool):
+        from flax import nnx
+
+        del rng  # NNX modules carry their RNG streams in their state
+        graph = self.graph_train if train else self.graph_eval
+        p = jax.tree.unflatten(self.params_def, jax.tree.leaves(params))
+        s = jax.tree.unflatten(self.state_def, jax.tree.leaves(state.get("state", {})))
+        module = nnx.merge(graph, p, s)
+        y = module(x)
+        if not train:
+            return y, state
+        _, _, new = nnx.split(module, nnx.Param, ...)
+        return y, ({"state": nnx.to_pure_dict(new)} if state else {})
+
+
+def _mode_kwargs(fn, given: dict | None, train: bool) -> dict:
+    if given is not None:
+        return dict(given)
+    params = inspect.signature(fn).parameters
+    for name, t, e in _MODE_ARGS:
+        if name in params:
+            return {name: t if train else e}
+    return {}
+
+
+def _adapter(model, eval_model, train_kwargs, eval_kwargs, rng_names):
+    if _is_nnx(model):
+        from flax import nnx
+
+        modes = {"deterministic": False, "use_running_average": False}
+        tm = nnx.view(model, raise_if_not_found=False, **modes)
+        em = nnx.view(
+            eval_model if eval_model is not None else model,
+            raise_if_not_found=False,
+            **{k: not v for k, v in modes.items()},
+        )
+        graph_train, params, state = nnx.split(tm, nnx.Param, ...)
+        graph_eval, _, _ = nnx.split(em, nnx.Param, ...)
+        return _NNX(
+            graph_train,
+            graph_eval,
+            jax.tree.structure(params),
+            jax.tree.structure(state),
+            nnx.to_pure_dict(params),
+            nnx.to_pure_dict(state),
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model={type(model).__name__} is not allowed: use a flax.linen.Module or a"
+            " flax.nnx.Module"
+        )
+    em = eval_model if eval_model is not None else model
+    return _Linen(
+        model,
+        em,
+        _mode_kwargs(model.__call__, train_kwargs, True),
+        _mode_kwargs(em.__call__, eval_kwargs, False),
+        tuple(rng_names),
+    )
+
+
+# ---- the plan -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Plan:
-    """Which layers are quantized / sparsified, and how. Static; hashable by identity.
+    """Which weights are quantized / sparsified, and how. Static; hashable by identity.
 
     Attributes:
-      layers: layer name -> :class:`LayerPlan`, in execution order.
+      layers: layer name -> :class:`LayerPlan`, in first-use order.
       input_size: values in one input example.
-      input_bits: the model's input holds ``k / (2**input_bits - 1)`` for integers ``k`` (8 for
-        uint8 data through :func:`qsparse.data.normalize`), or None: unknown.
+      params_shapes: every parameter leaf: path -> ``(shape, dtype)``.
+      state_shapes: every leaf of the model's other state needed for inference (batch
+        statistics): ``(collection, *path)`` -> ``(shape, dtype)``.
+      output_size: values in one example of the model's output.
+      boxes: the params tree as ``init`` gave it, boxed (logical partitioning), else None.
     """
 
     layers: dict[str, LayerPlan]
     input_size: int
-    input_bits: int | None = None
+    params_shapes: dict
+    state_shapes: dict
+    output_size: int
+    model: Any = dataclasses.field(repr=False, default=None)
+    boxes: Any = dataclasses.field(repr=False, default=None)
+    _traces: dict = dataclasses.field(repr=False, default_factory=dict)
 
     # ---- values ---------------------------------------------------------------------------
     def init_spec(self, **overrides) -> dict:
@@ -213,10 +385,13 @@ class Plan:
         Args:
           **overrides: ``w_bits=``, ``a_bits=``, ``compression=`` to set on every layer whose
             rule allows it (compression only on block-sparse layers, a_bits only on layers
-            with a quantized output).
+            whose rule quantizes their input, ``a_bits < 32``).
 
         Returns:
           ``{layer: {"w_bits", "a_bits", "compression"}}`` of float32 scalars.
+
+        Raises:
+          ValueError: one line naming the layer, the field, the value and what is allowed.
         """
         spec = {}
         for name, lp in self.layers.items():
@@ -233,27 +408,41 @@ class Plan:
                     )
                 if k == "compression" and r.block_shape is None:
                     continue
-                if k == "a_bits" and not lp.act_quantized:
+                if k == "a_bits" and (not lp.act_quantized or r.a_bits >= 32):
                     continue
                 vals[k] = v
-            quant.check_bits(vals["w_bits"], f"{name}.w_bits")
-            quant.check_bits(vals["a_bits"], f"{name}.a_bits")
-            sparsity.check_compression(vals["compression"], f"{name}.compression")
             spec[name] = {k: jnp.asarray(v, jnp.float32) for k, v in vals.items()}
-        for name, lp in self.layers.items():
-            if lp.int_input is None:
-                continue
-            checks = [(name, "w_bits")]
-            if lp.int_input != MODEL_INPUT:
-                checks.append((lp.int_input, "a_bits"))
-            for layer, key in checks:
-                value = _concrete(spec[layer][key])
-                if value is not None and value > INT_MATMUL_MAX_BITS:
-                    raise ValueError(
-                        f"{layer}.{key}={value:g} is not allowed: {name} runs int_matmul on it;"
-                        f" use <= {INT_MATMUL_MAX_BITS}"
-                    )
+        self.check_spec(spec)
         return spec
+
+    def check_spec(self, spec) -> None:
+        """Validates a spec's concrete values (traced values pass unchecked).
+
+        Args:
+          spec: ``{layer: {"w_bits", "a_bits", "compression"}}``, leaves scalars or stacked.
+
+        Raises:
+          ValueError: a missing layer, a bit width outside :data:`qsparse.quant.ALLOWED_BITS`,
+            a compression below 1, or more than 8 bits on an ``int_matmul`` layer.
+        """
+        for name, lp in self.layers.items():
+            if name not in spec:
+                raise ValueError(f"spec has no entry for layer {name!r}: use plan.init_spec()")
+            s = spec[name]
+            quant.check_bits(s["w_bits"], f"{name}.w_bits")
+            quant.check_bits(s["a_bits"], f"{name}.a_bits")
+            sparsity.check_compression(s["compression"], f"{name}.compression")
+            if lp.int_matmul:
+                for key in ("w_bits", "a_bits"):
+                    v = s[key]
+                    if isinstance(v, jax.core.Tracer):
+                        continue
+                    worst = float(np.max(np.asarray(v)))
+                    if worst > INT_MATMUL_MAX_BITS:
+                        raise ValueError(
+                            f"{name}.{key}={worst:g} is not allowed: the layer runs int_matmul;"
+                            f" use <= {INT_MATMUL_MAX_BITS}"
+                        )
 
     def init_qparams(self, params, spec) -> dict:
         """Trainable quantizer parameters: LSQ step sizes and PACT clips.
@@ -269,9 +458,8 @@ class Plan:
         for name, lp in self.layers.items():
             r, entry = lp.rule, {}
             if r.scale_mode == "learned":
-                w = _get(params, lp.param_path)["kernel"]
                 entry["w_step"] = quant.weight_step(
-                    w,
+                    get_path(params, lp.path),
                     spec[name]["w_bits"],
                     per_channel=r.per_channel,
                     scale_mode="mean",
@@ -283,94 +471,160 @@ class Plan:
                 q[name] = entry
         return q
 
+    def init_variables(self, key, sample_x) -> tuple[dict, dict]:
+        """Fresh parameters and model state.
+
+        Args:
+          key: PRNG key (Linen; an NNX module comes initialised).
+          sample_x: an input batch (shapes only matter).
+
+        Returns:
+          ``(params, state)``: the unboxed ``params`` collection and the other collections
+          (``{}`` for a model without state).
+        """
+        variables = self.model.init(key, sample_x)
+        params = nn.meta.unbox(variables.pop("params", {}))
+        return params, nn.meta.unbox(variables)
+
+    def boxed(self, params):
+        """``params`` with the model's partitioning metadata (``nn.LogicallyPartitioned``).
+
+        Args:
+          params: an unboxed params tree of the model's structure.
+
+        Returns:
+          The tree boxed as ``init`` returned it (``params`` itself for an unboxed model).
+        """
+        if self.boxes is None:
+            return params
+        is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+        return jax.tree.map(
+            lambda box, v: box.replace_boxed(v) if is_box(box) else v,
+            self.boxes,
+            params,
+            is_leaf=is_box,
+        )
+
     # ---- transforms -----------------------------------------------------------------------
     def transform_params(self, params, qparams, spec, masks=None):
-        """Mask-then-quantize every wrapped kernel.
+        """Mask-then-quantize every covered weight.
 
         Args:
           params: the model's ``params`` collection.
           qparams: from :meth:`init_qparams`.
           spec: the spec.
-          masks: optional ``{layer: mask}`` of kernel-shaped 0/1 arrays.
+          masks: optional ``{layer: mask}`` of weight-shaped 0/1 arrays.
 
         Returns:
-          A params tree with the kernels replaced by their fake-quantized values.
+          A params tree with the weights replaced by their fake-quantized values.
         """
         out = params
         for name, lp in self.layers.items():
             r = lp.rule
-            w = _get(params, lp.param_path)["kernel"]
+            w = get_path(params, lp.path)
             if masks is not None and name in masks:
                 w = w * masks[name]
-            step = qparams.get(name, {}).get("w_step")
             w = quant.quantize_weight(
                 w,
                 spec[name]["w_bits"],
                 per_channel=r.per_channel,
                 scale_mode=r.scale_mode,
-                step=step,
+                step=qparams.get(name, {}).get("w_step"),
                 zero_level=r.zero_level,
             )
-            layer = dict(_get(params, lp.param_path))
-            layer["kernel"] = w
-            out = _set(out, lp.param_path, layer)
+            out = set_path(out, lp.path, w)
         return out
 
-    def apply(self, model: nn.Module, params, qparams, spec, x, *, masks=None, **kwargs):
-        """Runs ``model`` with quantized / sparsified kernels and quantized activations.
+    def _trace(self, train: bool, params, state, x, rng) -> tuple[intercept.Trace, dict]:
+        """The model's trace for these shapes (cached) and its parameter-index -> layer map."""
+        args = (params, state, x, rng)
+        key = (train, jax.tree.structure(args)) + tuple(
+            (tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(args)
+        )
+        hit = self._traces.get(key)
+        if hit is None:
+            model = self.model
+
+            def fn(p, s, xx, r):
+                return model.apply(p, s, xx, r, train)
+
+            shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+            tr = intercept.trace(fn, *shapes)
+            by_path = {lp.path: name for name, lp in self.layers.items()}
+            index = {i: by_path[p] for i, p in enumerate(_leaf_paths(params)) if p in by_path}
+            hit = self._traces[key] = (tr, index)
+        return hit
+
+    def apply(
+        self,
+        model,
+        params,
+        qparams,
+        spec,
+        x,
+        *,
+        masks=None,
+        state=None,
+        train: bool = False,
+        rng=None,
+        quantized: bool = False,
+    ):
+        """Runs the model with quantized / sparsified weights and quantized activations.
 
         Args:
-          model: the unmodified Linen module.
-          params: its ``params`` collection.
+          model: the model given to :func:`make_plan` (or None).
+          params: its ``params`` collection (unboxed).
           qparams: from :meth:`init_qparams`.
           spec: the spec.
           x: the input batch.
           masks: optional ``{layer: mask}`` applied before quantization.
-          **kwargs: passed to ``model.apply``.
+          state: the model's other collections (batch statistics); None: none.
+          train: training mode (the model's train/deterministic arguments, dropout, batch
+            statistics updated).
+          rng: PRNG key for dropout in training mode (Linen).
+          quantized: ``params`` already hold the quantized weights (a loaded export): skip
+            masking and weight quantization.
 
         Returns:
-          ``model.apply``'s output.
+          The model's output; in training mode ``(output, new_state)``.
         """
-        qp = self.transform_params(params, qparams, spec, masks)
+        del model  # the plan holds it
+        state = {} if state is None else state
+        qp = params if quantized else self.transform_params(params, qparams, spec, masks)
+        rng = jax.random.key(0) if rng is None else rng
+        tr, index = self._trace(train, qp, state, x, rng)
         layers = self.layers
 
-        def interceptor(next_fun, args, kw, context):
-            mod = context.module
-            if context.method_name != "__call__" or not isinstance(mod, LAYER_TYPES):
-                return next_fun(*args, **kw)
-            lp = layers.get(module_path(mod))
-            if lp is not None and lp.int_input is not None:
-                src = lp.int_input
-                layer = _get(qp, lp.param_path)
-                if src == MODEL_INPUT:  # k / (2**bits - 1): a quantizer's grid with clip 1
-                    a_bits, clip = self.input_bits, 1.0
-                else:
-                    a_bits, clip = spec[src]["a_bits"], qparams[src]["a_clip"]
-                y = quant.int_matmul(
-                    args[0],
-                    layer["kernel"],
-                    a_bits,
-                    clip,
-                    qparams[lp.name]["w_step"],
-                    bf16_grads=lp.rule.bf16_grads,
-                )
-                if "bias" in layer:
-                    y = y + layer["bias"]
-            else:
-                y = next_fun(*args, **kw)
-            if lp is None or not lp.act_quantized:
-                return y
-            clip = qparams[lp.name]["a_clip"]
+        def hook(site, prim, ops, bind_params):
+            name = index.get(site.param)
+            lp = layers.get(name)
+            if lp is None or site.kind == intercept.GATHER or not lp.act_quantized:
+                return prim.bind(*ops, **bind_params)
+            ops = list(ops)
+            a = 1 - site.weight
+            clip = qparams[name]["a_clip"]
             if not lp.rule.learn_clip:
                 clip = jax.lax.stop_gradient(clip)
-            return quant.quantize_activation(y, spec[lp.name]["a_bits"], clip)
+            a_bits = spec[name]["a_bits"]
+            ops[a] = quant.quantize_activation(ops[a], a_bits, clip, signed=lp.a_signed)
+            if lp.int_matmul and _dense_form(site, ops, bind_params):
+                return quant.int_matmul(
+                    ops[0],
+                    ops[1],
+                    a_bits,
+                    clip,
+                    qparams[name]["w_step"],
+                    signed=lp.a_signed,
+                    bf16_grads=lp.rule.bf16_grads,
+                )
+            return prim.bind(*ops, **bind_params)
 
-        with nn.intercept_methods(interceptor):
-            return model.apply({"params": qp}, x, **kwargs)
+        y, new_state = intercept.evaluate(tr, hook, qp, state, x, rng)
+        return (y, new_state) if train else y
 
     # ---- sparsity -------------------------------------------------------------------------
     def block_shapes(self, prefix: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
-        """Block shapes keyed by the ``/``-joined path of each sparsified kernel.
+        """Block shapes keyed by the ``/``-joined path of each sparsified weight.
 
         Args:
           prefix: path of the params collection inside the trainable tree (e.g. ``("params",)``).
@@ -379,19 +633,19 @@ class Plan:
           ``{"params/Dense_0/kernel": (8, 8), ...}`` for the layers with a block shape.
         """
         return {
-            "/".join((*prefix, *lp.param_path, "kernel")): tuple(lp.rule.block_shape)
+            "/".join(str(p) for p in (*prefix, *lp.path)): tuple(lp.rule.block_shape)
             for lp in self.layers.values()
             if lp.rule.block_shape is not None
         }
 
     def kernel_paths(self, prefix: tuple[str, ...] = ()) -> dict[str, str]:
-        """Layer name -> ``/``-joined kernel path (as in :meth:`block_shapes`)."""
+        """Layer name -> ``/``-joined weight path (as in :meth:`block_shapes`)."""
         return {
-            name: "/".join((*prefix, *lp.param_path, "kernel")) for name, lp in self.layers.items()
+            name: "/".join(str(p) for p in (*prefix, *lp.path)) for name, lp in self.layers.items()
         }
 
     def compressions(self, spec, prefix: tuple[str, ...] = ()) -> dict:
-        """Per-kernel compression values keyed like :meth:`block_shapes`."""
+        """Per-weight compression values keyed like :meth:`block_shapes`."""
         paths = self.kernel_paths(prefix)
         return {
             paths[n]: spec[n]["compression"]
@@ -401,22 +655,47 @@ class Plan:
 
     # ---- memory ---------------------------------------------------------------------------
     def memory(self, spec, params=None, *, input_bits: int = 8) -> dict:
-        """The memory model for this plan and spec (see :mod:`qsparse.memory`).
+        """The memory model for this plan and spec: every parameter of the model.
+
+        Covered weights count their codes, block index and scales (:mod:`qsparse.memory`);
+        every other parameter (biases, norm scales, uncovered weights) and the inference
+        state (batch statistics) count at their dtype's bits. BatchNorm is counted as its own
+        parameters and statistics, not folded into the layer before it.
 
         Args:
           spec: the spec.
-          params: optional params (masked); kept blocks are then the blocks of each kernel that
-            are not entirely zero (what an export stores). Without params the target counts
-            ``ceil(n_blocks / compression)`` are used.
-          input_bits: bits per input value.
+          params: optional params (masked); kept blocks are then the blocks of each weight
+            that are not entirely zero (what an export stores). Without params the target
+            counts ``ceil(n_blocks / compression)`` are used.
+          input_bits: bits per value of the model's input.
 
         Returns:
-          :func:`qsparse.memory.summarize`'s dict plus ``"layers"`` (per-layer breakdown) and
+          :func:`qsparse.memory.summarize`'s dict plus ``"layers"`` (per-module breakdown:
+          ``params`` counts add up to ``"num_params"``), ``"num_params"`` and
           ``"block_sparsity"`` (fraction of zero blocks over all sparsified layers).
+
+        Raises:
+          ValueError: a bad value in ``spec``.
         """
-        per_layer = {}
+        self.check_spec(spec)
+        covered = {lp.path: (name, lp) for name, lp in self.layers.items()}
+        per_module: dict[str, dict] = {}
         zero_blocks, all_blocks = 0, 0
-        for name, lp in self.layers.items():
+
+        def entry(module: str) -> dict:
+            return per_module.setdefault(
+                module, {k: 0 for k in ("codes", "index", "scales", "other", "fp32", "params")}
+            )
+
+        for path, (shape, dtype) in self.params_shapes.items():
+            size = int(np.prod(shape))
+            e = entry("/".join(str(p) for p in path[:-1]))
+            e["params"] += size
+            if path not in covered:
+                e["other"] = e["other"] + size * _dtype_bits(dtype)
+                e["fp32"] += size * mem.FP_BITS
+                continue
+            name, lp = covered[path]
             grid = lp.block_grid
             kept = None
             if grid is not None:
@@ -424,14 +703,13 @@ class Plan:
                 if params is None:
                     kept = sparsity.kept_blocks(n_blocks, spec[name]["compression"])
                 else:
-                    w = _get(params, lp.param_path)["kernel"]
-                    norms = sparsity.block_norms(w, lp.rule.block_shape)
+                    norms = sparsity.block_norms(get_path(params, path), lp.rule.block_shape)
                     kept = jnp.sum(norms > 0).astype(jnp.int32)
                 zero_blocks = zero_blocks + (n_blocks - kept)
                 all_blocks += n_blocks
-            per_layer[name] = mem.layer_memory(
+            lm = mem.layer_memory(
                 lp.kernel_shape,
-                lp.bias_size,
+                0,
                 w_bits=spec[name]["w_bits"],
                 kept=kept,
                 block_shape=lp.rule.block_shape,
@@ -439,188 +717,209 @@ class Plan:
                 a_bits=spec[name]["a_bits"],
                 act_quantized=lp.act_quantized,
             )
-        ordered = sorted(self.layers.values(), key=lambda lp: lp.order)
+            for k in ("codes", "index", "scales"):
+                e[k] = e[k] + lm[k]
+            e["fp32"] += size * mem.FP_BITS
+        for path, (shape, dtype) in self.state_shapes.items():
+            e = entry("/".join(str(p) for p in path[1:-1]))
+            size = int(np.prod(shape))
+            e["other"] = e["other"] + size * _dtype_bits(dtype)
+            e["fp32"] += size * mem.FP_BITS
+        for e in per_module.values():
+            e["total"] = e["codes"] + e["index"] + e["scales"] + e["other"]
+        ordered = sorted(
+            (lp for lp in self.layers.values() if lp.act_quantized and not lp.reads_input),
+            key=lambda lp: lp.order,
+        )
         acts = mem.activation_memory(
             self.input_size,
-            [lp.out_size for lp in ordered],
-            [spec[lp.name]["a_bits"] if lp.act_quantized else 32 for lp in ordered],
+            [lp.in_size for lp in ordered] + [self.output_size],
+            [spec[lp.name]["a_bits"] for lp in ordered] + [mem.FP_BITS],
             input_bits=input_bits,
         )
-        out = mem.summarize(per_layer, acts)
-        out["layers"] = per_layer
+        out = mem.summarize(per_module, acts)
+        out["layers"] = per_module
+        out["num_params"] = sum(e["params"] for e in per_module.values())
         out["block_sparsity"] = jnp.asarray(zero_blocks, jnp.float32) / max(all_blocks, 1)
         return out
 
 
+def _dtype_bits(dtype) -> int:
+    return int(np.dtype(dtype).itemsize * 8)
+
+
+def _dense_form(site, ops, bind_params) -> bool:
+    """Whether a covered matmul is ``x @ kernel`` (an ``nn.Dense``), the int_matmul form."""
+    if site.kind != intercept.MATMUL or site.weight != 1 or ops[1].ndim != 2:
+        return False
+    dims = bind_params["dimension_numbers"]
+    pet = bind_params.get("preferred_element_type")
+    return (
+        tuple(map(tuple, dims[0])) == ((ops[0].ndim - 1,), (0,))
+        and dims[1] == ((), ())
+        and bind_params.get("precision") is None
+        and (pet is None or pet == jnp.float32)
+        and ops[0].dtype == jnp.float32
+        and ops[1].dtype == jnp.float32
+    )
+
+
+def _layer_names(paths: list[tuple]) -> dict[tuple, str]:
+    """Layer names: the module path, or the full path where a module holds several weights."""
+    modules = [p[:-1] for p in paths]
+    return {
+        p: "/".join(str(k) for k in (p[:-1] if modules.count(p[:-1]) == 1 else p)) for p in paths
+    }
+
+
 def make_plan(
-    model: nn.Module,
+    model,
     rules: Sequence[Rule],
     sample_input,
     *,
-    input_bits: int | None = None,
-    **apply_kwargs,
+    eval_model=None,
+    train_kwargs: Mapping | None = None,
+    eval_kwargs: Mapping | None = None,
+    rng_names: Sequence[str] = ("dropout",),
 ) -> Plan:
-    """Traces ``model`` once (shapes only) and assigns each Dense/Conv layer its first rule.
+    """Traces ``model`` once (shapes only) and assigns each covered weight its first rule.
 
-    Layers no rule matches stay full precision and dense. Block shapes are checked here.
+    Covered weights no rule matches stay float and dense (counted in the memory model).
 
     Args:
-      model: an unmodified Linen module.
+      model: a Linen module, or an NNX module (split into graph and state; its
+        ``deterministic`` / ``use_running_average`` attributes set for each mode).
       rules: rules, first match wins.
       sample_input: an input batch (or ``jax.ShapeDtypeStruct``); batch size 1 is best.
-      input_bits: the model's input values are ``k / (2**input_bits - 1)`` for integers ``k``
-        (8 for uint8 data through :func:`qsparse.data.normalize`): lets the first layer take
-        ``int_matmul``. None (default): no such promise.
-      **apply_kwargs: passed to ``model.init`` / ``model.apply``.
+      eval_model: the module to evaluate with, where evaluation needs another module (Flax's
+        lm1b Transformer takes ``deterministic`` from its config); default ``model``.
+      train_kwargs: call arguments in training mode; default from the signature
+        (``train=True``, ``deterministic=False``, ... or none).
+      eval_kwargs: call arguments in evaluation mode; default ``train=False``, ...
+      rng_names: RNG streams a Linen model draws in training (one key each, every step).
 
     Returns:
       The :class:`Plan`.
 
     Raises:
-      ValueError: a rule matches no layer, or a block shape does not divide its layer.
+      TypeError: ``model`` is not a Flax module.
+      ValueError: one line: a rule matches no layer, a block shape does not divide its layer,
+        ``int_matmul`` on a layer that is not ``x @ kernel``, or the model has no covered
+        operation at all.
     """
     rules = list(rules)
-    seen: list[tuple[str, tuple, int, int, tuple]] = []
+    adapter = _adapter(model, eval_model, train_kwargs, eval_kwargs, rng_names)
+    x = jax.ShapeDtypeStruct(tuple(sample_input.shape), sample_input.dtype)
+    variables = jax.eval_shape(adapter.init, jax.random.key(0), x)
+    params_boxed = variables.pop("params", {})
+    params = nn.meta.unbox(params_boxed)
+    state = nn.meta.unbox(variables)
+    boxed = any(
+        isinstance(v, nn.meta.AxisMetadata)
+        for v in jax.tree.leaves(
+            params_boxed, is_leaf=lambda v: isinstance(v, nn.meta.AxisMetadata)
+        )
+    )
+    paths = _leaf_paths(params)
+    shapes = jax.tree.leaves(params)
 
-    def recorder(next_fun, args, kw, context):
-        y = next_fun(*args, **kw)
-        mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, LAYER_TYPES):
-            x = args[0]
-            seen.append(
-                (
-                    module_path(mod),
-                    tuple(mod.path),
-                    int(np.prod(x.shape[1:])),
-                    int(np.prod(y.shape[1:])),
-                )
-            )
-        return y
+    # One evaluation with a recording hook finds the covered operations and their operands.
+    rng = jax.random.key(0)
+    tr = intercept.trace(
+        lambda p, s, xx, r: adapter.apply(p, s, xx, r, True), params, state, x, rng
+    )
+    seen: dict[int, list] = {}
 
-    def trace(x):
-        variables = model.init(jax.random.key(0), x, **apply_kwargs)
-        with nn.intercept_methods(recorder):
-            model.apply(variables, x, **apply_kwargs)
-        return variables
+    def record(site, prim, ops, bind_params):
+        a = None if site.kind == intercept.GATHER else ops[1 - site.weight]
+        seen.setdefault(site.param, []).append((site, a, bind_params))
+        return prim.bind(*ops, **bind_params)
 
-    shapes = jax.eval_shape(trace, sample_input)
-    params = shapes["params"]
+    def run(p, s, xx, r):
+        return intercept.evaluate(tr, record, p, s, xx, r, input_arg=1)
+
+    out_shape = jax.eval_shape(run, params, state, x, rng)
+    if not seen:
+        raise ValueError(
+            f"{type(model).__name__} has no covered operation: qsparse quantizes matmuls and"
+            " convolutions whose weight is a parameter (Dense, DenseGeneral, Einsum, Conv,"
+            " Linear, LinearGeneral) and embedding lookups (Embed); add such a layer, or wrap"
+            " only models that have one"
+        )
+    names = _layer_names([paths[i] for i in seen])
     used = [False] * len(rules)
     layers: dict[str, LayerPlan] = {}
-    last = seen[-1][0] if seen else None
-    for order, (name, path, in_size, out_size) in enumerate(seen):
-        if name in layers:
-            continue
-        # Unmatched layers stay float32 and dense, but their memory is still counted.
-        rule = Rule(pattern=re.escape(name), quantize_output=False)
-        for i, r in enumerate(rules):
+    for i in sorted(seen, key=lambda i: seen[i][0][0].order):
+        uses = seen[i]
+        path = paths[i]
+        name = names[path]
+        rule = Rule(pattern=re.escape(name))
+        for j, r in enumerate(rules):
             if re.fullmatch(r.pattern, name):
-                used[i] = True
+                used[j] = True
                 rule = r
                 break
-        p = _get(params, path)
-        kshape = tuple(p["kernel"].shape)
-        bias = int(np.prod(p["bias"].shape)) if "bias" in p else 0
+        kshape = tuple(shapes[i].shape)
         if rule.block_shape is not None:
             sparsity.check_block_shape(kshape, rule.block_shape, f"{name}.block_shape")
-        act_q = name != last if rule.quantize_output is None else bool(rule.quantize_output)
-        layers[name] = LayerPlan(name, path, rule, kshape, bias, in_size, out_size, order, act_q)
-    for i, r in enumerate(rules):
-        if not used[i]:
-            raise ValueError(
-                f"rule pattern={r.pattern!r} matches no layer: layers are {[s[0] for s in seen]}"
+        acts = [(s, a, bp) for s, a, bp in uses if s.kind != intercept.GATHER]
+        signed = rule.a_signed
+        if signed is None:
+            signed = not all(s.nonneg for s, _, _ in acts)
+        int_mm = rule.int_matmul
+        if int_mm and (
+            not acts
+            or not all(
+                _dense_form(s, [a, shapes[i]] if s.weight == 1 else [shapes[i], a], bp)
+                for s, a, bp in acts
             )
-    if input_bits is not None and not 1 <= input_bits <= INT_MATMUL_MAX_BITS:
-        raise ValueError(
-            f"input_bits={input_bits} is not allowed: use 1..{INT_MATMUL_MAX_BITS} or None"
+        ):
+            raise ValueError(
+                f"int_matmul on {name} is not allowed: it needs a layer that computes"
+                " x @ kernel with a 2-D float32 kernel and default precision (nn.Dense,"
+                " nnx.Linear)"
+            )
+        first = acts[0] if acts else None
+        layers[name] = LayerPlan(
+            name=name,
+            path=path,
+            rule=rule,
+            kernel_shape=kshape,
+            ops=tuple(dict.fromkeys(s.kind for s, _, _ in uses)),
+            act_quantized=bool(acts),
+            a_signed=bool(signed),
+            in_size=int(np.prod(first[1].shape[1:])) if first else 0,
+            reads_input=bool(first and first[0].reads_input),
+            order=uses[0][0].order,
+            int_matmul=int_mm,
         )
-    wanted = [lp.name for lp in layers.values() if lp.rule.int_matmul]
-    if wanted:
-        calls = [s[0] for s in seen]
-        x, record = _concrete_run(model, sample_input, apply_kwargs)
-        for name in wanted:
-            src = _int_input(name, calls, layers, input_bits, x, record)
-            layers[name] = dataclasses.replace(layers[name], int_input=src)
-    in_size = int(np.prod(sample_input.shape[1:]))
-    return Plan(layers=layers, input_size=in_size, input_bits=input_bits)
+    for j, r in enumerate(rules):
+        if not used[j]:
+            raise ValueError(
+                f"rule pattern={r.pattern!r} matches no layer: layers are {list(names.values())}"
+            )
+    state_shapes = {}
+    for path, leaf in zip(_leaf_paths(state), jax.tree.leaves(state)):
+        if not _is_inference_state(path, leaf):
+            continue
+        state_shapes[path] = (tuple(leaf.shape), leaf.dtype)
+    y = out_shape[0]
+    return Plan(
+        layers=layers,
+        input_size=int(np.prod(x.shape[1:])),
+        params_shapes={p: (tuple(s.shape), s.dtype) for p, s in zip(paths, shapes)},
+        state_shapes=state_shapes,
+        output_size=int(np.prod(y.shape[1:])) if hasattr(y, "shape") else 0,
+        model=adapter,
+        boxes=params_boxed if boxed else None,
+    )
 
 
-def _concrete_run(model, sample_input, apply_kwargs):
-    """The model run once on a random batch of 2: ``(x, {layer: (module, input, output)})``."""
-    record = {}
-
-    def recorder(next_fun, args, kw, context):
-        y = next_fun(*args, **kw)
-        mod = context.module
-        if context.method_name == "__call__" and isinstance(mod, LAYER_TYPES):
-            record[module_path(mod)] = (mod, args[0], y)
-        return y
-
-    shape = (2, *tuple(sample_input.shape)[1:])
-    x = jax.random.normal(jax.random.key(1), shape, jnp.float32)
-    variables = model.init(jax.random.key(0), x, **apply_kwargs)
-    with nn.intercept_methods(recorder):
-        model.apply(variables, x, **apply_kwargs)
-    return x, record
-
-
-def _int_input(name, calls, layers, input_bits, x, record) -> str:
-    """The layer whose quantized output feeds ``name``, checked for ``int_matmul``.
-
-    The input must be the previous layer's output through a ReLU (the activation quantizer's
-    output passes a ReLU unchanged), or for the first layer the model's own input (on the grid
-    ``input_bits`` promises), which a concrete run on random data checks exactly: any other
-    operation in between (a residual sum, a normalization, average pooling) changes the
-    values, and the codes would not come back.
-
-    Args:
-      name: the layer.
-      calls: layer names in call order.
-      layers: the plan's layers so far.
-      input_bits: :func:`make_plan`'s promise about the model's input, or None.
-      x: the random input of :func:`_concrete_run`.
-      record: its record of each layer's module, input and output.
-
-    Returns:
-      The feeding layer's name, or :data:`MODEL_INPUT`.
-
-    Raises:
-      ValueError: one line naming the layer and what ``int_matmul`` needs.
-    """
-    need = "int_matmul needs a Dense layer whose input is the previous layer's quantized output"
-    at = calls.index(name)
-    if calls.count(name) > 1:
-        raise ValueError(
-            f"int_matmul on {name} is not allowed: it is called more than once; {need}"
-        )
-    if at == 0 and input_bits is None:
-        raise ValueError(
-            f"int_matmul on {name} is not allowed: it is the first layer and make_plan has no"
-            f" input_bits; {need}, or the model's input with make_plan(..., input_bits=8) for"
-            " uint8 data / 255"
-        )
-    src = layers[calls[at - 1]] if at else None
-    if src is not None and (not src.act_quantized or src.rule.a_bits > INT_MATMUL_MAX_BITS):
-        raise ValueError(
-            f"int_matmul on {name} is not allowed: its input layer {src.name} has"
-            f" a_bits={src.rule.a_bits:g}, quantize_output={src.act_quantized};"
-            f" {need} with a_bits <= {INT_MATMUL_MAX_BITS}"
-        )
-    mod, inp, _ = record[name]
-    default = mod.dtype in (None, jnp.float32) and mod.precision is None
-    if type(mod) is not nn.Dense or not default or mod.dot_general is not None:
-        raise ValueError(
-            f"int_matmul on {name} is not allowed: it is a {type(mod).__name__} with"
-            f" dtype={mod.dtype}, precision={mod.precision}; {need} (plain nn.Dense)"
-        )
-    out = jax.nn.relu(record[src.name][2]) if src is not None else x
-    if out.size != inp.size or not np.array_equal(np.asarray(out).reshape(inp.shape), inp):
-        what = f"the ReLU of {src.name}'s output" if src is not None else "the model's input"
-        raise ValueError(
-            f"int_matmul on {name} is not allowed: its input is not {what} (the model"
-            f" computes something else in between); {need}"
-        )
-    return src.name if src is not None else MODEL_INPUT
+def _is_inference_state(path, leaf) -> bool:
+    """Whether a state leaf is needed for inference (not an RNG key or counter)."""
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+        return False
+    return not any(str(p) in ("rngs", "count", "key") for p in path[-2:])
 
 
 def stack_specs(specs: Sequence[Mapping[str, Any]]):

@@ -377,12 +377,12 @@ def joint_plan(model: nn.Module, sample_x, *, bf16_grads: bool = True, **overrid
     common = dict(w_bits=2, a_bits=2, compression=4, scale_mode="learned", learn_clip=True)
     codes = dict(int_matmul=True, bf16_grads=bf16_grads)
     last = f"Dense_{len(model.hidden)}"
-    rules = [
-        wrap.Rule(pattern="Dense_0", block_shape=(8, 8), **common),
+    rules = [  # the first layer's input is the data (uint8 / 255), left as it is
+        wrap.Rule(pattern="Dense_0", block_shape=(8, 8), **{**common, "a_bits": 32}),
         wrap.Rule(pattern=last, block_shape=(8, 2), **codes, **common),
         wrap.Rule(pattern=".*", block_shape=(8, 8), **codes, **common),
     ]
-    plan = wrap.make_plan(model, rules, sample_x[:1], input_bits=8)
+    plan = wrap.make_plan(model, rules, sample_x[:1])
     spec = training.make_spec(
         plan.init_spec(**overrides), learning_rate=LEARNING_RATE, prox_strength=PROX_STRENGTH
     )

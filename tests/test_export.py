@@ -137,10 +137,10 @@ def test_code_levels_per_bit_width():
 # Dense_0: 16x32 on 4x4 blocks (4 x 8 grid, bitmap wins); Dense_1: 32x256 on 16x4 blocks
 # (2 x 64 grid: block-CSR wins at 8X); Dense_2: the logits, 8-bit, not sparse.
 MLP = models.MLP(hidden=(32, 256), num_classes=10)
-MLP_RULES = [
-    wrap.Rule(pattern="Dense_0", w_bits=2, a_bits=2, block_shape=(4, 4), compression=2),
+MLP_RULES = [  # a_bits: each layer's input; the first reads the data as it is
+    wrap.Rule(pattern="Dense_0", w_bits=2, block_shape=(4, 4), compression=2),
     wrap.Rule(pattern="Dense_1", w_bits=2, a_bits=2, block_shape=(16, 4), compression=2),
-    wrap.Rule(pattern="Dense_2", w_bits=8),
+    wrap.Rule(pattern="Dense_2", w_bits=8, a_bits=2),
 ]
 
 
@@ -150,8 +150,8 @@ def mlp():
 
 
 def _mlp_spec(net, bits, compression):
-    vals = {"w_bits": bits, "a_bits": bits, "compression": compression}
-    return net.spec(Dense_0=vals, Dense_1=vals)
+    vals = {"w_bits": bits, "compression": compression}
+    return net.spec(Dense_0=vals, Dense_1={**vals, "a_bits": bits}, Dense_2={"a_bits": bits})
 
 
 @pytest.mark.parametrize("compression", [1, 2, 4, 8])
@@ -207,7 +207,6 @@ def test_round_trip_scale_modes_per_channel_midrise_and_float_layers(tmp_path):
         wrap.Rule(
             pattern="Dense_0",
             w_bits=3,
-            a_bits=4,
             block_shape=(4, 4),
             compression=2,
             scale_mode="learned",
@@ -216,7 +215,7 @@ def test_round_trip_scale_modes_per_channel_midrise_and_float_layers(tmp_path):
         wrap.Rule(
             pattern="Dense_1",
             w_bits=4,
-            a_bits=32,
+            a_bits=4,
             block_shape=(16, 4),
             compression=8,
             scale_mode="mean",
@@ -255,8 +254,10 @@ def test_round_trip_scale_modes_per_channel_midrise_and_float_layers(tmp_path):
 )
 def test_conv_models_predict_like_the_trained_model(tmp_path, model, x_shape):
     rules = [
-        wrap.Rule(pattern="Conv_0", w_bits=4, a_bits=3, block_shape=(1, 4), compression=2),
-        wrap.Rule(pattern="Dense_0", w_bits=2, a_bits=2, block_shape=(4, 4), compression=4),
+        wrap.Rule(pattern="Conv_0", w_bits=4, block_shape=(1, 4), compression=2),
+        wrap.Rule(pattern="Conv_1", a_bits=3),
+        wrap.Rule(pattern="Dense_0", w_bits=2, block_shape=(4, 4), compression=4),
+        wrap.Rule(pattern="Dense_1", a_bits=2),
     ]
     net = _Net(model, rules, x_shape)
     plan, spec = net.plan, net.spec()
@@ -285,7 +286,8 @@ class _Custom(nn.Module):
 
 def test_other_models_need_a_graph(tmp_path):
     model = _Custom()
-    net = _Net(model, [wrap.Rule(pattern="Dense_0", w_bits=2, a_bits=2)], (2, 2))
+    rules = [wrap.Rule(pattern="Dense_0", w_bits=2), wrap.Rule(pattern="Dense_1", a_bits=2)]
+    net = _Net(model, rules, (2, 2))
     spec = net.spec()
     tree = net.tree(spec)
     path = tmp_path / "m.qsp"
@@ -311,13 +313,12 @@ def digits_model(tmp_path_factory):
         wrap.Rule(
             pattern="Dense_0",
             w_bits=2,
-            a_bits=2,
             block_shape=(8, 8),
             compression=4,
             scale_mode="learned",
         ),
-        wrap.Rule(pattern="Dense_1", w_bits=3, a_bits=3, block_shape=(8, 8), compression=2),
-        wrap.Rule(pattern="Dense_2", w_bits=8),
+        wrap.Rule(pattern="Dense_1", w_bits=3, a_bits=2, block_shape=(8, 8), compression=2),
+        wrap.Rule(pattern="Dense_2", w_bits=8, a_bits=3),
     ]
     x0 = jnp.zeros((1, 8, 8, 1))
     plan = wrap.make_plan(model, rules, x0)

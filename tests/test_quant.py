@@ -88,7 +88,11 @@ def test_straight_through_gradient_activations_and_pact_clip():
     assert float(gc) > 0  # values above the clip pull the clip up
     q = quantize_activation(x, 2, 4.0)
     np.testing.assert_allclose(np.unique(np.asarray(q)), [0.0, 4 / 3, 8 / 3, 4.0], rtol=1e-6)
-    np.testing.assert_array_equal(quantize_activation(x, 32, 4.0), jax.nn.relu(x))
+    # 32 bits: the input unchanged (the quantizer adds nothing, not even a ReLU).
+    np.testing.assert_array_equal(quantize_activation(x, 32, 4.0), x)
+    np.testing.assert_array_equal(
+        jax.grad(lambda x: jnp.sum(quantize_activation(x, 32, 4.0)))(x), 1
+    )
 
 
 def test_learned_step_gets_gradient():
@@ -164,19 +168,22 @@ def test_weight_vjp_equals_autodiff_of_the_formula(bits, zero_level, per_channel
     assert (np.asarray(gw1)[:8] == 0).all() or bits == 32  # pruned weights get no gradient
 
 
+@pytest.mark.parametrize("signed", [False, True])
 @pytest.mark.parametrize("bits", [1, 2, 4, 32])
-def test_activation_vjp_equals_autodiff_of_the_formula(bits):
+def test_activation_vjp_equals_autodiff_of_the_formula(bits, signed):
     x = 3.0 * jax.random.normal(jax.random.key(3), (32, 40))
     cot = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape)
 
     def ours(x, c):
-        return jnp.sum(quantize_activation(x, bits, c) * cot)
+        return jnp.sum(quantize_activation(x, bits, c, signed=signed) * cot)
 
     def ref(x, c):
-        d = c / (2.0**bits - 1.0)
-        y = jnp.clip(x, 0.0, c)
-        q = _ste(y / d, jnp.round(y / d)) * d
-        return jnp.sum((jax.nn.relu(x) if bits >= 32 else q) * cot)
+        n = max(2.0 ** (bits - 1) - 1.0, 1.0) if signed else 2.0**bits - 1.0
+        d = c / n
+        y = jnp.clip(x, -c if signed else 0.0, c)
+        level = jnp.where(y >= 0, 1.0, -1.0) if signed and bits == 1 else jnp.round(y / d)
+        q = _ste(y / d, level) * d
+        return jnp.sum((x if bits >= 32 else q) * cot)
 
     (v1, (gx1, gc1)), (v2, (gx2, gc2)) = (
         jax.value_and_grad(f, argnums=(0, 1))(x, 2.5) for f in (ours, ref)

@@ -1,0 +1,187 @@
+"""Models written the way Flax's own examples write them (tests/zoo.py), wrapped unchanged.
+
+For each: at a full-precision spec the wrapped model computes exactly what the model computes,
+in training and evaluation mode; a few hundred steps at 2-bit weights, 4-bit activations and
+4X blocks lower the loss, prune 3/4 of every layer's blocks to exact zeros and leave at most
+2**k levels in each kernel; the memory breakdown counts every parameter of the model.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import zoo
+from flax import nnx
+
+from qsparse import training, wrap
+
+IMG = (2, 28, 28, 1)
+
+
+def _image_batch(n=2, seed=1):
+    return jax.random.uniform(jax.random.key(seed), (n, *IMG[1:]))
+
+
+def _tokens(n=2, seed=1):
+    return jax.random.randint(jax.random.key(seed), (n, 12), 1, 32)
+
+
+def _lm():
+    cfg = zoo.TransformerConfig()
+    return zoo.TransformerLM(cfg), zoo.TransformerLM(cfg.replace(deterministic=True))
+
+
+# name -> (model factory, make_plan kwargs, input batch, labels of that batch)
+CASES = {
+    "linen_cnn": (lambda: zoo.CNN(features=(4, 8), hidden=16), {}, _image_batch),
+    "nnx_cnn": (lambda: zoo.NNXCNN(rngs=nnx.Rngs(0), features=(4, 8), hidden=16), {}, _image_batch),
+    "linen_resnet": (lambda: zoo.ResNet(), {}, _image_batch),
+    "nnx_resnet": (lambda: zoo.NNXResNet(rngs=nnx.Rngs(0)), {}, _image_batch),
+    "transformer_lm": (lambda: _lm()[0], {"eval_model": _lm()[1]}, _tokens),
+}
+
+
+def _reference(name, model, kwargs, params, state, x, train, rng):
+    """What the user's own Linen model computes (the plan's training-mode conventions)."""
+    if name == "transformer_lm":
+        m = model if train else kwargs["eval_model"]
+        return m.apply({"params": params}, x, rngs={"dropout": jax.random.fold_in(rng, 0)})
+    variables = {"params": params, **state}
+    if name == "linen_cnn":
+        return model.apply(variables, x)
+    if train:
+        return model.apply(variables, x, train=True, mutable=list(state))[0]
+    return model.apply(variables, x, train=False)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_full_precision_wrapped_model_computes_exactly_the_model(name):
+    factory, kwargs, batch = CASES[name]
+    model = factory()
+    x = batch()
+    plan = wrap.make_plan(model, [], x, **kwargs)
+    params, state = plan.init_variables(jax.random.key(0), x)
+    spec = plan.init_spec()
+    qp = plan.init_qparams(params, spec)
+    rng = jax.random.key(3)
+    for train in (False, True):
+        out = plan.apply(model, params, qp, spec, x, state=state, train=train, rng=rng)
+        got = out[0] if train else out
+        if isinstance(model, nnx.Module):
+            m = nnx.merge(*nnx.split(model))
+            m.train() if train else m.eval()
+            want = m(x)
+        else:
+            want = _reference(name, model, kwargs, params, state, x, train, rng)
+        assert got.shape == want.shape
+        assert float(jnp.max(jnp.abs(got - want))) == 0.0, (name, train)
+
+
+def _rules(name):
+    """2-bit weights, 4-bit activations, 4X blocks on every covered layer."""
+    q = dict(w_bits=2, a_bits=4, compression=4, scale_mode="learned", learn_clip=True)
+    narrow = (4, 2)  # for matrix views 10 (classes) wide
+    if name == "transformer_lm":
+        return [wrap.Rule(pattern=".*", block_shape=(4, 4), **q)]
+    head = {"linen_cnn": "Dense_1", "nnx_cnn": "linear2", "linen_resnet": "Dense_0"}.get(
+        name, "linear"
+    )
+    stem = {"linen_cnn": "Conv_0", "nnx_cnn": "conv1"}.get(name, "conv_init")  # 9 x 4 view
+    return [
+        wrap.Rule(pattern=head, block_shape=narrow, **q),
+        wrap.Rule(pattern=stem, block_shape=(1, 1), **q),
+        wrap.Rule(pattern=".*", block_shape=(1, 4), **q),
+    ]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_training_at_2_4_4x_prunes_quantizes_and_learns(name):
+    factory, kwargs, batch = CASES[name]
+    model = factory()
+    x = batch(16, seed=5)
+    lm = name == "transformer_lm"
+    # Learnable targets: the next token a fixed function of the current one; the class a
+    # linear function of the image.
+    if lm:
+        inp, y = x[:, 1:], (x[:, :-1] * 7 + 3) % 32
+    else:
+        proj = jax.random.normal(jax.random.key(7), (int(np.prod(x.shape[1:])), 10))
+        inp, y = x, jnp.argmax(x.reshape(x.shape[0], -1) @ proj, -1)
+    plan = wrap.make_plan(model, _rules(name), inp[:1], **kwargs)
+    steps = 240
+    sched = training.Schedule(total_steps=steps, prune_begin=60, prune_end=180, prune_every=20)
+    spec = training.make_spec(plan.init_spec(), learning_rate=3e-3, prox_strength=1e-4)
+    state = training.init_state(model, plan, sched, spec, jax.random.key(0), inp[:1])
+    step = jax.jit(training.make_train_step(model, plan, sched))
+    losses = []
+    for _ in range(steps):
+        state, m = step(state, (inp, y), spec)
+        losses.append(float(m["loss"]))
+    assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:5]), (losses[:5], losses[-20:])
+    q = plan.transform_params(
+        state.params[training.PARAMS], state.params[training.QUANT], spec["layers"]
+    )
+
+    def zero_blocks(w, block_shape):
+        (bm, bn), mat = block_shape, np.asarray(w).reshape(-1, w.shape[-1])
+        blocks = mat.reshape(mat.shape[0] // bm, bm, -1, bn).swapaxes(1, 2)
+        return np.all(blocks == 0, axis=(2, 3)).mean()
+
+    for lname, lp in plan.layers.items():
+        latent = wrap.get_path(state.params[training.PARAMS], lp.path)
+        w = np.asarray(wrap.get_path(q, lp.path))
+        # Pruning leaves exactly 1/4 of the blocks; 2-bit rounding may empty a few more.
+        assert zero_blocks(latent, lp.rule.block_shape) == 0.75, lname
+        assert zero_blocks(w, lp.rule.block_shape) >= 0.75, lname
+        assert len(np.unique(w)) <= 2**2, lname
+    # Evaluation uses the trained state (batch statistics) and the eval mode.
+    logits = training.logits_fn(model, plan, state.params, spec, inp, state.model_state)
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_memory_counts_every_parameter_of_the_model(name):
+    factory, kwargs, batch = CASES[name]
+    model = factory()
+    x = batch()
+    plan = wrap.make_plan(model, _rules(name), x[:1], **kwargs)
+    params, state = plan.init_variables(jax.random.key(0), x)
+    m = plan.memory(plan.init_spec())
+    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    assert m["num_params"] == n_params
+    assert sum(e["params"] for e in m["layers"].values()) == n_params
+    covered = sum(int(np.prod(lp.kernel_shape)) for lp in plan.layers.values())
+    assert covered < n_params  # biases, norms: counted beside the covered weights
+    assert m["weight_memory_bits"] < m["fp32_weight_memory_bits"]
+
+
+def test_boxed_params_keep_their_partitioning():
+    model, eval_model = _lm()
+    x = _tokens()
+    plan = wrap.make_plan(model, [], x, eval_model=eval_model)
+    params, _ = plan.init_variables(jax.random.key(0), x)
+    assert not any(isinstance(v, nn.LogicallyPartitioned) for v in jax.tree.leaves(params))
+    boxed = plan.boxed(params)
+    leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+    assert all(isinstance(v, nn.LogicallyPartitioned) for v in leaves)
+    names = {v.names for v in leaves}
+    assert ("embed", "mlp") in names and ("vocab", "embed") in names
+
+
+def test_batch_statistics_are_carried_and_used_by_evaluation():
+    model = zoo.ResNet()
+    x = _image_batch(8)
+    plan = wrap.make_plan(model, [], x[:1])
+    sched = training.Schedule(total_steps=3, prune_begin=3, prune_end=3)
+    spec = training.make_spec(plan.init_spec(), learning_rate=1e-3)
+    state = training.init_state(model, plan, sched, spec, jax.random.key(0), x[:1])
+    before = state.model_state
+    step = jax.jit(training.make_train_step(model, plan, sched))
+    state, _ = step(state, (x, jnp.zeros(8, jnp.int32)), spec)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), before, state.model_state)
+    assert max(jax.tree.leaves(moved)) > 0
+    variables = {"params": state.params["params"], **state.model_state}
+    want = model.apply(variables, x, train=False)
+    got = training.logits_fn(model, plan, state.params, spec, x, state.model_state)
+    assert float(jnp.max(jnp.abs(got - want))) == 0.0
