@@ -6,7 +6,9 @@ r"""Exports a trained run to qsparse's bit-packed model file and checks it.
 Prints the payload (codes + index + scales + biases) next to the memory model's
 weight_memory_bits / 8, the file size, the compression against FP32, then loads the file back,
 runs inference from the packed form on the whole test set and compares it with the trained
-model (max |logit difference| and accuracy). The format is specified in docs/FORMAT.md.
+model (max |logit difference| and accuracy). The manifest's ``meta`` records the data set, its
+test split, how its images are uint8 and become inputs, and the test accuracy measured at export
+(docs/FORMAT.md sections 2 and 12). The format is specified in docs/FORMAT.md.
 """
 
 from __future__ import annotations
@@ -26,6 +28,88 @@ def define_flags():
     flags.DEFINE_string("check", None, "Only load and evaluate this packed file (with --workdir).")
 
 
+# How each data set's images are uint8 and which examples are the test split (docs/FORMAT.md
+# section 12); the digits split is also listed index by index (``test_indices``).
+_SOURCES = {
+    "digits": (
+        "scikit-learn load_digits(): 8x8 pixel counts v in 0..16 -> u8 = round(v * 255 / 16), "
+        "float64, ties to even (qsparse.data)",
+        "360 of load_digits()'s 1797 images, stratified by class (qsparse.data, seed 0); "
+        "test_indices lists them (indices into load_digits() order, increasing)",
+    ),
+    "mnist": ("the IDX files' uint8 pixels as stored", "the t10k test files (10000 images)"),
+    "fashion_mnist": (
+        "the IDX files' uint8 pixels as stored",
+        "the t10k test files (10000 images)",
+    ),
+    "kmnist": ("the IDX files' uint8 pixels as stored", "the t10k test files (10000 images)"),
+    "cifar10": ("TFDS cifar10 uint8 pixels as stored", "TFDS cifar10 'test' (10000 images)"),
+    "synthetic": (
+        "qsparse.data synthetic images, generated uint8",
+        "the generated test images (qsparse.data.load('synthetic'), seed 0)",
+    ),
+}
+INPUT_CONVERSION = "x = float32(u8) * float32(1/255), as qsparse.data.normalize computes it"
+
+
+def digits_test_indices(ds) -> list[int] | None:
+    """The digits test split as indices into scikit-learn's ``load_digits()`` order.
+
+    Args:
+      ds: the loaded digits :class:`qsparse.data.Dataset`.
+
+    Returns:
+      The increasing indices, or None when they do not give back ``ds.test_x`` / ``test_y``.
+    """
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    from qsparse import data as qdata
+
+    digits = load_digits()
+    y = digits.target
+    # qsparse.data.load("digits") splits with its default seed 0 (experiments.common.load_data).
+    idx = qdata._stratified_test_indices(y, n_test=len(ds.test_y), seed=0)
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    if np.array_equal(images[idx], ds.test_x) and np.array_equal(y[idx], ds.test_y):
+        return [int(i) for i in idx]
+    return None
+
+
+def export_meta(workdir, dataset: str, ds, test_accuracy: float, results: dict) -> dict:
+    """The manifest's ``meta``: the run, the data set, its test split and the accuracy.
+
+    Args:
+      workdir: the run directory.
+      dataset: the data set's name (the config's ``dataset``).
+      ds: the loaded :class:`qsparse.data.Dataset`.
+      test_accuracy: the trained model's accuracy on the test split, measured at export.
+      results: the run's results.json content ({} when absent).
+
+    Returns:
+      JSON-serialisable dict.
+    """
+    uint8, split = _SOURCES.get(dataset, ("", ""))
+    meta = {
+        "workdir": str(workdir),
+        "dataset": dataset,
+        "split": "test",
+        "split_rule": split,
+        "test_examples": int(len(ds.test_y)),
+        "input_shape": [int(d) for d in ds.input_shape],
+        "uint8_source": uint8,
+        "input_conversion": INPUT_CONVERSION,
+        "test_accuracy": float(test_accuracy),
+    }
+    if "test_accuracy" in results:
+        meta["results_test_accuracy"] = float(results["test_accuracy"])
+    if dataset == "digits":
+        indices = digits_test_indices(ds)
+        if indices is not None:
+            meta["test_indices"] = indices
+    return meta
+
+
 def export_run(workdir, output) -> dict:
     """Writes the packed model of a run and verifies it against the trained model.
 
@@ -34,17 +118,24 @@ def export_run(workdir, output) -> dict:
       output: the file to write.
 
     Returns:
-      dict with the sizes, compression, accuracies and the max logit difference.
+      dict with the sizes, compression, accuracies, the max logit difference and the
+      manifest's ``meta``.
     """
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     from experiments import common
+    from qsparse import data as qdata
     from qsparse import export, training
 
-    run, spec, state, _ = common.restore_run(workdir)
+    run, spec, state, results = common.restore_run(workdir)
     ds = run.dataset
+    x = qdata.normalize(jnp.asarray(ds.test_x))
+    fn = jax.jit(lambda xb: training.logits_fn(run.model, run.plan, state.params, spec, xb))
+    ref = np.concatenate([np.asarray(fn(x[i : i + 1000])) for i in range(0, len(x), 1000)])
+    trained_accuracy = float(np.mean(ref.argmax(-1) == ds.test_y))
+    meta = export_meta(workdir, run.config.dataset, ds, trained_accuracy, results)
     info = export.save(
         output,
         run.plan,
@@ -52,16 +143,14 @@ def export_run(workdir, output) -> dict:
         spec["layers"],
         model=run.model,
         input_shape=ds.input_shape,
-        meta={"workdir": str(workdir), "dataset": run.config.dataset},
+        meta=meta,
     )
     packed = export.load(output)
-    x = jnp.asarray(ds.test_x, jnp.float32) / 255.0
-    fn = jax.jit(lambda xb: training.logits_fn(run.model, run.plan, state.params, spec, xb))
-    ref = np.concatenate([np.asarray(fn(x[i : i + 1000])) for i in range(0, len(x), 1000)])
     got = np.asarray(packed.predict(np.asarray(x), batch_size=1000))
     return {
         **info,
-        "trained_accuracy": float(np.mean(ref.argmax(-1) == ds.test_y)),
+        "meta": meta,
+        "trained_accuracy": trained_accuracy,
         "packed_accuracy": float(np.mean(got.argmax(-1) == ds.test_y)),
         "max_abs_logit_diff": float(np.max(np.abs(got - ref))),
         "same_predictions": bool(np.array_equal(got.argmax(-1), ref.argmax(-1))),
@@ -82,7 +171,9 @@ def main(argv):
             run = common.build_run(common.restore_run(FLAGS.workdir)[0].config)
             packed = export.load(FLAGS.check)
             acc = packed.accuracy(run.dataset.test_x, run.dataset.test_y)
-            print(f"{FLAGS.check}: {packed.file_bytes} bytes, test accuracy {acc:.4f}")
+            recorded = packed.manifest.get("meta", {}).get("test_accuracy")
+            note = "" if recorded is None else f" (recorded at export {recorded:.4f})"
+            print(f"{FLAGS.check}: {packed.file_bytes} bytes, test accuracy {acc:.4f}{note}")
             return
         output = Path(FLAGS.output or Path(FLAGS.workdir) / "model.qsp")
         r = export_run(FLAGS.workdir, output)

@@ -8,8 +8,8 @@ Usage:
     python tools/decode_numpy.py model.qsp --idx-dir DIR         # t10k-images/labels IDX files
 
 From Python:
-    from decode_numpy import predict
-    logits = predict("model.qsp", x_float)   # x in [0, 1], shape (N, *input shape)
+    from decode_numpy import predict, uint8_to_input
+    logits = predict("model.qsp", uint8_to_input(images))   # images: uint8 (N, *input shape)
 """
 
 from __future__ import annotations
@@ -59,6 +59,23 @@ def read_file(path: str) -> tuple[dict, bytes]:
     if manifest["version"] != VERSION or manifest["payload_bytes"] != p:
         raise DecodeError("manifest disagrees with the header")
     return manifest, payload
+
+
+def uint8_to_input(u8, scale: float = 1 / 255) -> np.ndarray:
+    """uint8 images -> model inputs (section 2): ``float32(u8) * float32(uint8_scale)``.
+
+    The product is rounded to float32 once; it equals ``qsparse.data.normalize`` bit for bit.
+    (An IEEE float32 division ``u8 / 255`` differs from it in the last bit for 126 of the 256
+    byte values.)
+
+    Args:
+      u8: uint8 array.
+      scale: the manifest's ``input.uint8_scale`` (1/255).
+
+    Returns:
+      float32 array of the same shape.
+    """
+    return np.asarray(u8, np.uint8).astype(np.float32) * np.float32(scale)
 
 
 def unpack(buf: bytes, bits: int, count: int) -> np.ndarray:
@@ -191,7 +208,7 @@ class Model:
                 x = np.maximum(x, np.float32(0))
             elif kind == "max_pool":
                 x = max_pool(x, op["window"], op["strides"])
-            elif kind == "mean":
+            elif kind == "mean":  # the reduced axes are dropped
                 x = x.mean(axis=tuple(op["axes"]), dtype=np.float32)
             elif kind in ("dense", "conv"):
                 lay = self.layers[op["layer"]]
@@ -215,7 +232,7 @@ def predict(path: str, x: np.ndarray) -> np.ndarray:
 
     Args:
       path: packed model file.
-      x: ``(N, *input shape)`` float inputs.
+      x: ``(N, *input shape)`` float inputs (from uint8 images: :func:`uint8_to_input`).
 
     Returns:
       ``(N, num_classes)`` float32 logits.
@@ -263,8 +280,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     x, y = load_test_data(args.npz, args.idx_dir)
     model = Model(args.file)
-    # FORMAT.md section 2: inputs are u8 / 255 in float32.
-    logits = model.predict(x.astype(np.float32) / np.float32(255.0))
+    logits = model.predict(uint8_to_input(x, model.manifest["input"]["uint8_scale"]))
     acc = float(np.mean(np.argmax(logits, -1) == np.asarray(y)))
     print(json.dumps({"file": args.file, "examples": int(len(y)), "accuracy": acc}))
     return 0
