@@ -39,7 +39,7 @@ import pathlib
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -56,6 +56,8 @@ VERSION = 1
 _HEADER = struct.Struct("<8sIIIQI")
 HEADER_SIZE = _HEADER.size  # 32
 FULL = quant.FULL_PRECISION
+# Parameters and statistics that are not covered weights are stored as they are, little-endian.
+RAW_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int32", "uint32")
 
 
 class FormatError(ValueError):
@@ -515,6 +517,127 @@ def _quantizer(plan: Plan):
     return jitted
 
 
+def _encode_weight(payload, lp, q, w_bits: int, qparams, steps) -> tuple[dict, dict]:
+    """Writes one covered weight: codes (or float32 values) of the kept blocks, index, scale.
+
+    Args:
+      payload: the :class:`_Payload` being written.
+      lp: the layer's plan.
+      q: the fake-quantized weight as the trained model uses it.
+      w_bits: its bit width (32: float32 values).
+      qparams: the quantizer parameters (learned steps).
+      steps: the steps of the statistics-based quantizers, by layer.
+
+    Returns:
+      ``(arrays, fields)``: the array names by role and the manifest fields that describe
+      the stored weight (matrix shape, blocks, kept blocks, index kind).
+
+    Raises:
+      ValueError: the weight is not ``code * scale`` for the scale its quantizer used.
+    """
+    name, rule = lp.name, lp.rule
+    q = np.asarray(q, np.float32)
+    m, n = q.reshape(-1, q.shape[-1]).shape
+    mat = q.reshape(m, n)
+    sparse = rule.block_shape is not None
+    bm, bn = (int(rule.block_shape[0]), int(rule.block_shape[1])) if sparse else (m, n)
+    grid = (m // bm, n // bn)
+    blocks = _blocks(mat, bm, bn)
+    keep = np.any(blocks != 0, axis=(1, 2)) if sparse else np.ones(1, bool)
+    kept = int(keep.sum())
+    arrays: dict[str, str] = {}
+
+    if w_bits >= FULL:
+        arrays["weights"] = payload.add_f32(
+            f"{name}/weights",
+            name,
+            "weights",
+            blocks[keep],
+            "float32 weights of the kept blocks (row-major block order, row-major inside)",
+        )
+    else:
+        if rule.scale_mode == "learned":
+            step = np.asarray(qparams[name]["w_step"], np.float32)
+            s = np.maximum(np.abs(step), np.float32(1e-8))
+        else:
+            s = np.asarray(steps[name], np.float32)
+        s = s.astype(np.float32)
+        codes = _signed_codes(mat, s, w_bits, rule.zero_level)
+        back = (code_levels(unsigned_codes(codes, w_bits), w_bits, rule.zero_level) * s).astype(
+            np.float32
+        )
+        # Only kept blocks are stored; pruned ones are exact zeros (not on a 1-bit or
+        # mid-rise grid, and never decoded).
+        stored = np.repeat(np.repeat(keep.reshape(grid), bm, 0), bn, 1)
+        exact = np.array_equal(back[stored], mat[stored])
+        if not exact:
+            raise ValueError(
+                f"layer {name}: the quantized kernel is not code * scale; the scale does "
+                "not match the one the quantizer used"
+            )
+        u = _blocks(unsigned_codes(codes, w_bits), bm, bn)[keep]
+        arrays["codes"] = payload.add_packed(
+            f"{name}/codes",
+            name,
+            "codes",
+            u,
+            w_bits,
+            (kept, bm, bn),
+            f"unsigned {w_bits}-bit weight codes of the kept blocks",
+        )
+    idx_bits, use_csr = mem.index_bits(grid, kept) if sparse else (0, False)
+    index = "none" if not int(idx_bits) else ("csr" if bool(use_csr) else "bitmap")
+    if index == "bitmap":
+        arrays["index_bitmap"] = payload.add_packed(
+            f"{name}/index_bitmap",
+            name,
+            "index_bitmap",
+            keep.astype(np.int64),
+            1,
+            grid,
+            "1 bit a block, row-major block order: 1 = kept",
+        )
+    elif index == "csr":
+        keep2 = keep.reshape(grid)
+        rowptr = np.concatenate([[0], np.cumsum(keep2.sum(1))])
+        cols = np.nonzero(keep2)[1]
+        arrays["index_rowptr"] = payload.add_packed(
+            f"{name}/index_rowptr",
+            name,
+            "index_rowptr",
+            rowptr,
+            mem.bitlen(grid[0] * grid[1]),
+            (grid[0] + 1,),
+            "block-CSR row pointers: kept blocks before each block row",
+        )
+        arrays["index_colidx"] = payload.add_packed(
+            f"{name}/index_colidx",
+            name,
+            "index_colidx",
+            cols,
+            mem.bitlen(grid[1] - 1),
+            (kept,),
+            "block-CSR column index of each kept block",
+        )
+    if w_bits < FULL:
+        arrays["w_scale"] = payload.add_f32(
+            f"{name}/w_scale",
+            name,
+            "w_scale",
+            s,
+            "weight step: value = level * step (per output channel if shape [n])",
+        )
+    fields = {
+        "matrix_shape": [m, n],
+        "block_sparse": sparse,
+        "block_shape": [bm, bn],
+        "block_grid": list(grid),
+        "kept_blocks": kept,
+        "index": index,
+    }
+    return arrays, fields
+
+
 def _has_bias(plan: Plan, lp) -> bool:
     return (*lp.path[:-1], "bias") in plan.params_shapes
 
@@ -538,11 +661,20 @@ def save(
     spec,
     *,
     model: nn.Module | None = None,
+    model_state=None,
     input_shape: Sequence[int] | None = None,
     graph: list | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> dict:
     """Writes the bit-packed model file.
+
+    Two layouts share the format. A chain of Dense/Conv layers with ReLU, pooling and flatten
+    (``qsparse.models``' MLP, LeNet, VGG, or any model given with ``graph=``) is written with
+    its op graph, so :class:`PackedModel` and ``tools/decode_numpy.py`` run it on their own.
+    Any other model is written with every parameter and statistic it has: the covered weights
+    packed, everything else at its dtype, and each covered operation's input quantizer;
+    :func:`restore` rebuilds the variables, and the user's own model runs them
+    (``plan.apply(..., quantized=True)``).
 
     Each wrapped kernel is fake-quantized exactly as in training (``plan.transform_params``);
     the blocks that are not entirely zero after quantization are kept and stored as unsigned
@@ -561,7 +693,9 @@ def save(
         training spec with a ``"layers"`` entry is accepted too).
       model: the Linen module (``MLP``, ``LeNet`` or ``VGG`` of :mod:`qsparse.models`); its
         architecture (convolution strides and pads, pooling, flattening) goes to the manifest.
-        ``None`` stands for a :class:`qsparse.models.MLP` (Dense layers only).
+        ``None`` stands for a :class:`qsparse.models.MLP` (Dense layers only). Any other
+        model (or one with batch statistics) is written in the model layout.
+      model_state: the model's other collections (batch statistics), for the model layout.
       input_shape: one example's shape, e.g. ``(8, 8, 1)``; default: inferred from the plan
         (square images for conv models).
       graph: explicit op list for other models (see ``docs/FORMAT.md``). Every graph, given or
@@ -586,6 +720,8 @@ def save(
     layer_spec = _layer_spec(spec)
     params, qparams = params_tree["params"], params_tree.get("quant", {})
     ordered = sorted(plan.layers.values(), key=lambda lp: lp.order)
+    if graph is None and not _is_chain(plan, model):
+        return _save_model(path, plan, params, qparams, layer_spec, model_state, input_shape, meta)
     input_shape = tuple(int(d) for d in (input_shape or _infer_input_shape(plan)))
     if int(np.prod(input_shape)) != plan.input_size:
         raise ValueError(f"input_shape={input_shape} does not hold {plan.input_size} values")
@@ -630,97 +766,10 @@ def save(
         quant.check_bits(w_raw, f"{name}.w_bits")
         quant.check_bits(a_raw, f"{name}.a_bits")
         w_bits, a_bits = min(int(w_raw), FULL), min(int(a_raw), FULL)
-        q = np.asarray(_get(qtree, lp.path), np.float32)
-        m, n = q.reshape(-1, q.shape[-1]).shape
-        mat = q.reshape(m, n)
-        sparse = rule.block_shape is not None
-        bm, bn = (int(rule.block_shape[0]), int(rule.block_shape[1])) if sparse else (m, n)
-        grid = (m // bm, n // bn)
-        blocks = _blocks(mat, bm, bn)
-        keep = np.any(blocks != 0, axis=(1, 2)) if sparse else np.ones(1, bool)
-        kept = int(keep.sum())
-        arrays: dict[str, str] = {}
-
-        if w_bits >= FULL:
-            arrays["weights"] = payload.add_f32(
-                f"{name}/weights",
-                name,
-                "weights",
-                blocks[keep],
-                "float32 weights of the kept blocks (row-major block order, row-major inside)",
-            )
-        else:
-            if rule.scale_mode == "learned":
-                step = np.asarray(qparams[name]["w_step"], np.float32)
-                s = np.maximum(np.abs(step), np.float32(1e-8))
-            else:
-                s = np.asarray(quantized["steps"][name], np.float32)
-            s = s.astype(np.float32)
-            codes = _signed_codes(mat, s, w_bits, rule.zero_level)
-            back = (code_levels(unsigned_codes(codes, w_bits), w_bits, rule.zero_level) * s).astype(
-                np.float32
-            )
-            # Only kept blocks are stored; pruned ones are exact zeros (not on a 1-bit or
-            # mid-rise grid, and never decoded).
-            stored = np.repeat(np.repeat(keep.reshape(grid), bm, 0), bn, 1)
-            exact = np.array_equal(back[stored], mat[stored])
-            if not exact:
-                raise ValueError(
-                    f"layer {name}: the quantized kernel is not code * scale; the scale does "
-                    "not match the one the quantizer used"
-                )
-            u = _blocks(unsigned_codes(codes, w_bits), bm, bn)[keep]
-            arrays["codes"] = payload.add_packed(
-                f"{name}/codes",
-                name,
-                "codes",
-                u,
-                w_bits,
-                (kept, bm, bn),
-                f"unsigned {w_bits}-bit weight codes of the kept blocks",
-            )
-        idx_bits, use_csr = mem.index_bits(grid, kept) if sparse else (0, False)
-        index = "none" if not int(idx_bits) else ("csr" if bool(use_csr) else "bitmap")
-        if index == "bitmap":
-            arrays["index_bitmap"] = payload.add_packed(
-                f"{name}/index_bitmap",
-                name,
-                "index_bitmap",
-                keep.astype(np.int64),
-                1,
-                grid,
-                "1 bit a block, row-major block order: 1 = kept",
-            )
-        elif index == "csr":
-            keep2 = keep.reshape(grid)
-            rowptr = np.concatenate([[0], np.cumsum(keep2.sum(1))])
-            cols = np.nonzero(keep2)[1]
-            arrays["index_rowptr"] = payload.add_packed(
-                f"{name}/index_rowptr",
-                name,
-                "index_rowptr",
-                rowptr,
-                mem.bitlen(grid[0] * grid[1]),
-                (grid[0] + 1,),
-                "block-CSR row pointers: kept blocks before each block row",
-            )
-            arrays["index_colidx"] = payload.add_packed(
-                f"{name}/index_colidx",
-                name,
-                "index_colidx",
-                cols,
-                mem.bitlen(grid[1] - 1),
-                (kept,),
-                "block-CSR column index of each kept block",
-            )
-        if w_bits < FULL:
-            arrays["w_scale"] = payload.add_f32(
-                f"{name}/w_scale",
-                name,
-                "w_scale",
-                s,
-                "weight step: value = level * step (per output channel if shape [n])",
-            )
+        arrays, fields = _encode_weight(
+            payload, lp, _get(qtree, lp.path), w_bits, qparams, quantized["steps"]
+        )
+        kept, grid, index = fields["kept_blocks"], fields["block_grid"], fields["index"]
         if _has_bias(plan, lp):
             arrays["bias"] = payload.add_f32(
                 f"{name}/bias",
@@ -743,15 +792,15 @@ def save(
             "name": name,
             "kind": call_of[name]["kind"],
             "kernel_shape": list(lp.kernel_shape),
-            "matrix_shape": [m, n],
+            "matrix_shape": fields["matrix_shape"],
             "use_bias": _has_bias(plan, lp),
             "w_bits": w_bits,
             "scale_mode": rule.scale_mode,
             "per_channel": bool(rule.per_channel),
             "zero_level": bool(rule.zero_level),
-            "block_sparse": sparse,
-            "block_shape": [bm, bn],
-            "block_grid": list(grid),
+            "block_sparse": fields["block_sparse"],
+            "block_shape": fields["block_shape"],
+            "block_grid": fields["block_grid"],
             "kept_blocks": kept,
             "index": index,
             "act_quantized": act_q,
@@ -807,12 +856,7 @@ def save(
     _check_against_model(
         _load_bytes(header + man + body), reference_model, plan, params, qparams, layer_spec
     )
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(header + man + body)
-    # Rename last so that a crash never leaves a half-written file under the final name.
-    os.replace(tmp, path)
+    _write_atomic(path, header + man + body)
     fp32_bytes = int(mem_q["fp32_weight_memory_bits"]) // 8
     file_bytes = len(header) + len(man) + len(body)
     return {
@@ -830,6 +874,227 @@ def save(
         "file_compression": fp32_bytes / file_bytes,
         "layers": summary,
     }
+
+
+def _is_chain(plan: Plan, model) -> bool:
+    """Whether the model is one the graph layout describes (no state, Dense/Conv chain)."""
+    if plan.state_shapes or any(lp.ops != (lp.ops[0],) for lp in plan.layers.values()):
+        return False
+    if any(
+        lp.reads_input and lp.act_quantized and lp.rule.a_bits < FULL for lp in plan.layers.values()
+    ):
+        return False
+    return model is None or isinstance(model, (models.MLP, models.LeNet, models.VGG))
+
+
+def _save_model(path, plan: Plan, params, qparams, layer_spec, model_state, input_shape, meta):
+    """:func:`save` in the model layout: every parameter and statistic of any model."""
+    for name in plan.layers:
+        for key in ("w_bits", "a_bits"):
+            quant.check_bits(_scalar(layer_spec[name][key]), f"{name}.{key}")
+    quantized = _quantizer(plan)(params, qparams, layer_spec)
+    qtree = quantized["q"]
+    payload = _Payload()
+    layers_out, summary = [], {}
+    ordered = sorted(plan.layers.values(), key=lambda lp: lp.order)
+    for lp in ordered:
+        name, rule = lp.name, lp.rule
+        w_bits = min(int(_scalar(layer_spec[name]["w_bits"])), FULL)
+        a_bits = min(int(_scalar(layer_spec[name]["a_bits"])), FULL)
+        arrays, fields = _encode_weight(
+            payload, lp, _get(qtree, lp.path), w_bits, qparams, quantized["steps"]
+        )
+        act_q = lp.act_quantized and a_bits < FULL
+        if act_q:
+            arrays["a_clip"] = payload.add_f32(
+                f"{name}/a_clip",
+                name,
+                "a_clip",
+                np.asarray(qparams[name]["a_clip"], np.float32),
+                "input clip c of the layer's matmuls / convolutions (quantize_activation)",
+            )
+        layers_out.append(
+            {
+                "name": name,
+                "kind": lp.ops[0],
+                "path": list(lp.path),
+                "kernel_shape": list(lp.kernel_shape),
+                "use_bias": False,
+                "w_bits": w_bits,
+                "scale_mode": rule.scale_mode,
+                "per_channel": bool(rule.per_channel),
+                "zero_level": bool(rule.zero_level),
+                **fields,
+                "act_quantized": False,
+                "a_bits": FULL,
+                "input": {"a_bits": a_bits if act_q else FULL, "signed": bool(lp.a_signed)},
+                "target_compression": _scalar(layer_spec[name]["compression"]),
+                "arrays": arrays,
+            }
+        )
+        summary[name] = {"kept_blocks": fields["kept_blocks"], "index": fields["index"]}
+    covered = {lp.path for lp in plan.layers.values()}
+    tensors = []
+    state = model_state or {}
+    leaves = [("params", p, _get(params, p)) for p in plan.params_shapes if p not in covered]
+    leaves += [(p[0], p[1:], _get(state, p)) for p in plan.state_shapes]
+    for collection, p, value in leaves:
+        a = np.asarray(value)
+        dtype = str(a.dtype)
+        if dtype not in RAW_DTYPES:
+            raise ValueError(
+                f"{collection}/{'/'.join(map(str, p))} has dtype {dtype}: the format stores"
+                f" {RAW_DTYPES}"
+            )
+        key = "/".join(map(str, (collection, *p)))
+        payload.add(
+            key,
+            None,
+            "tensor",
+            a.astype(a.dtype.newbyteorder("<")).tobytes(),
+            dtype=dtype,
+            bits=a.dtype.itemsize * 8,
+            shape=a.shape,
+            meaning="stored as it is",
+        )
+        tensors.append({"collection": collection, "path": list(p), "array": key})
+    mem_q = quantized["mem_q"]
+    payload_bits = sum(e["count"] * e["bits"] for e in payload.entries)
+    if payload_bits != int(mem_q["weight_memory_bits"]):
+        raise RuntimeError(
+            f"payload has {payload_bits} bits, the memory model counts "
+            f"{int(mem_q['weight_memory_bits'])}: the writer and qsparse.memory disagree"
+        )
+    in_shape = list(input_shape) if input_shape is not None else [plan.input_size]
+    manifest = {
+        "format": "qsparse-packed",
+        "version": VERSION,
+        "layout": "model",
+        "bit_order": "lsb-first",
+        "byte_order": "little",
+        "input": {"shape": in_shape},
+        "graph": None,
+        "layers": layers_out,
+        "tensors": tensors,
+        "arrays": payload.entries,
+        "payload_bytes": payload.size,
+        "memory_model": {
+            k: int(mem_q[k])
+            for k in (
+                "weight_memory_bits",
+                "fp32_weight_memory_bits",
+                "codes_bits",
+                "index_bits",
+                "scale_bits",
+                "other_bits",
+            )
+        },
+        "meta": dict(meta or {}),
+    }
+    man = json.dumps(manifest, default=_json_default, separators=(",", ":")).encode()
+    body = b"".join(payload.chunks)
+    header = _HEADER.pack(MAGIC, VERSION, len(man), zlib.crc32(man), len(body), zlib.crc32(body))
+    _write_atomic(path, header + man + body)
+    fp32_bytes = int(mem_q["fp32_weight_memory_bits"]) // 8
+    file_bytes = len(header) + len(man) + len(body)
+    return {
+        "path": str(path),
+        "payload_bytes": payload.size,
+        "payload_bits": int(payload_bits),
+        "weight_memory_bits": int(mem_q["weight_memory_bits"]),
+        "weight_memory_bytes": int(mem_q["weight_memory_bits"]) / 8,
+        "memory_model_bits_params": int(quantized["mem_p"]["weight_memory_bits"]),
+        "file_bytes": file_bytes,
+        "header_bytes": len(header) + len(man),
+        "fp32_bytes": fp32_bytes,
+        "compression": fp32_bytes / max(payload.size, 1),
+        "memory_compression": float(mem_q["weight_compression"]),
+        "file_compression": fp32_bytes / file_bytes,
+        "layers": summary,
+    }
+
+
+def _write_atomic(path, data: bytes) -> None:
+    """Writes ``data`` to ``path`` through a temporary name, so a crash leaves no half file."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class Restored(NamedTuple):
+    """A model-layout file decoded into the pieces :meth:`qsparse.wrap.Plan.apply` takes.
+
+    Attributes:
+      params: the ``params`` collection, covered weights decoded to their quantized values.
+      model_state: the other collections (batch statistics).
+      qparams: ``{layer: {"a_clip", "w_step"}}`` as the file stores them.
+      spec: ``{layer: {"w_bits", "a_bits", "compression"}}``.
+    """
+
+    params: dict
+    model_state: dict
+    qparams: dict
+    spec: dict
+
+
+def restore(path) -> Restored:
+    """Reads a model-layout file back into variables for the user's own model.
+
+    ``plan.apply(model, r.params, r.qparams, r.spec, x, state=r.model_state, quantized=True)``
+    with the plan of the same model and rules then computes what the trained model computes in
+    evaluation.
+
+    Args:
+      path: a file written by :func:`save` in the model layout (or its :class:`PackedModel`).
+
+    Returns:
+      The :class:`Restored` pieces.
+
+    Raises:
+      FormatError: a damaged file, or one in the graph layout (use :class:`PackedModel`).
+    """
+    packed = path if isinstance(path, PackedModel) else load(path)
+    man = packed.manifest
+    if man.get("layout") != "model":
+        _fail("this file is in the graph layout: run it with qsparse.export.load(path).predict")
+    params: dict = {}
+    state: dict = {}
+    qparams: dict = {}
+    spec: dict = {}
+    for lay in man["layers"]:
+        name = lay["name"]
+        params = _put(params, tuple(lay["path"]), jnp.asarray(packed.layers[name].kernel))
+        entry = {}
+        if lay["scale_mode"] == "learned" and packed.layers[name].scale is not None:
+            entry["w_step"] = jnp.asarray(packed.layers[name].scale)
+        if "a_clip" in lay["arrays"]:
+            entry["a_clip"] = jnp.asarray(packed.raw(lay["arrays"]["a_clip"]))
+        else:
+            entry["a_clip"] = jnp.asarray(1.0, jnp.float32)  # unused at 32 bits
+        qparams[name] = entry
+        spec[name] = {
+            "w_bits": jnp.asarray(lay["w_bits"], jnp.float32),
+            "a_bits": jnp.asarray(lay["input"]["a_bits"], jnp.float32),
+            "compression": jnp.asarray(lay["target_compression"], jnp.float32),
+        }
+    for t in man["tensors"]:
+        value = jnp.asarray(packed.raw(t["array"]))
+        if t["collection"] == "params":
+            params = _put(params, tuple(t["path"]), value)
+        else:
+            state = _put(state, (t["collection"], *t["path"]), value)
+    return Restored(params, state, qparams, spec)
+
+
+def _put(tree: dict, path: tuple, value) -> dict:
+    """``tree`` (nested dicts, built up in place) with ``value`` at ``path``."""
+    node = tree
+    for k in path[:-1]:
+        node = node.setdefault(k, {})
+    node[path[-1]] = value
+    return tree
 
 
 def _model_fields(model) -> dict:
@@ -901,20 +1166,25 @@ class PackedModel:
       payload_bytes: the size of its arrays.
     """
 
-    def __init__(self, manifest: dict, layers: dict, file_bytes: int):
+    def __init__(self, manifest: dict, layers: dict, file_bytes: int, table=None, payload=None):
+        self._table, self._payload = table or {}, payload
         self.manifest = manifest
         self.layers = layers
-        self.graph = manifest["graph"]
+        self.graph = manifest.get("graph")
         self.input_shape = tuple(manifest["input"]["shape"])
         self.file_bytes = file_bytes
         self.payload_bytes = int(manifest["payload_bytes"])
         conv = {
             n: (tuple(lay.entry["strides"]), tuple(tuple(p) for p in lay.entry["pads"]))
             for n, lay in self.layers.items()
-            if lay.kind == "conv"
+            if lay.kind == "conv" and self.graph is not None
         }
         # Static and hashable, so models of the same structure share one compiled program.
         self._program = json.dumps({"graph": self.graph, "conv": conv}, sort_keys=True)
+
+    def raw(self, array: str) -> np.ndarray:
+        """One array of the payload, decoded by its table entry (name as in the manifest)."""
+        return _read(self._table[array], self._payload)
 
     @property
     def kernels(self) -> dict[str, np.ndarray]:
@@ -942,6 +1212,11 @@ class PackedModel:
         Returns:
           ``(N, num_classes)`` float32 numpy logits.
         """
+        if self.graph is None:
+            raise ValueError(
+                "this file holds a model without a graph: run it through your own model with"
+                " qsparse.export.restore(path) and plan.apply(..., quantized=True)"
+            )
         x = jnp.asarray(x, jnp.float32)
         x = x.reshape((x.shape[0], *self.input_shape))
         arrays = self._arrays()
@@ -1062,8 +1337,8 @@ def _check_arrays(manifest: dict, payload: memoryview) -> dict:
             count = int(np.prod(a["shape"])) if a["shape"] else 1
             if a["count"] != count:
                 _fail(f"array {a['name']}: count {a['count']} disagrees with shape {a['shape']}")
-            if a["dtype"] == "float32":
-                want = 4 * count
+            if a["dtype"] in RAW_DTYPES:
+                want = np.dtype(jnp.dtype(a["dtype"])).itemsize * count
             elif a["dtype"] == "packed":
                 want = packed_nbytes(count, a["bits"])
             else:
@@ -1086,6 +1361,9 @@ def _read(entry: dict, payload: memoryview) -> np.ndarray:
     raw = payload[entry["offset"] : entry["offset"] + entry["nbytes"]]
     if entry["dtype"] == "float32":
         return np.frombuffer(raw, "<f4").astype(np.float32).reshape(entry["shape"])
+    if entry["dtype"] in RAW_DTYPES:
+        dt = np.dtype(jnp.dtype(entry["dtype"])).newbyteorder("<")
+        return np.frombuffer(raw, dt).astype(dt.newbyteorder("=")).reshape(entry["shape"])
     bits, count = entry["bits"], entry["count"]
     tail = count * bits
     if tail % 8 and np.frombuffer(raw, np.uint8)[-1] >> (tail % 8):
@@ -1270,9 +1548,10 @@ def _load_bytes(data: bytes) -> PackedModel:
             layers[lay["name"]] = _decode_layer(lay, arrays, payload)
         if len(manifest["input"]["shape"]) < 1:
             _fail("manifest input shape is empty")
-        _check_graph_shapes(manifest, layers)
+        if manifest.get("graph") is not None:
+            _check_graph_shapes(manifest, layers)
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, FormatError):
             raise
         _fail(f"manifest is malformed: {type(e).__name__}: {e}")
-    return PackedModel(manifest, layers, len(data))
+    return PackedModel(manifest, layers, len(data), arrays, payload)

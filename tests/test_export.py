@@ -284,21 +284,31 @@ class _Custom(nn.Module):
         return nn.Dense(4)(x)
 
 
-def test_other_models_need_a_graph(tmp_path):
+def test_other_models_are_written_whole_or_with_a_graph(tmp_path):
     model = _Custom()
     rules = [wrap.Rule(pattern="Dense_0", w_bits=2), wrap.Rule(pattern="Dense_1", a_bits=2)]
     net = _Net(model, rules, (2, 2))
     spec = net.spec()
     tree = net.tree(spec)
     path = tmp_path / "m.qsp"
-    with pytest.raises(ValueError, match="no known architecture"):
-        export.save(path, net.plan, tree, spec, model=model)
+    x = jax.random.uniform(jax.random.key(0), (5, 2, 2))
+    # Without a graph: the model layout, run through the model itself after restore().
+    export.save(path, net.plan, tree, spec, model=model)
+    packed = export.load(path)
+    assert packed.graph is None and packed.manifest["layout"] == "model"
+    with pytest.raises(ValueError, match="without a graph"):
+        packed.predict(x)
+    with pytest.raises(ValueError, match="model layout"):
+        _decoder().predict(str(path), np.asarray(x))
+    r = export.restore(path)
+    got = net.plan.apply(model, r.params, r.qparams, r.spec, x, quantized=True)
+    np.testing.assert_array_equal(np.asarray(got), net.logits(tree, spec, x))
+    # With a graph: the graph layout, which PackedModel and the numpy decoder run.
     wrong = [{"op": "dense", "layer": "Dense_0"}, {"op": "dense", "layer": "Dense_1"}]
     with pytest.raises(ValueError, match="input shape"):
         export.save(path, net.plan, tree, spec, model=model, input_shape=(2, 2), graph=wrong)
     graph = [{"op": "flatten"}, wrong[0], {"op": "relu"}, wrong[1]]
     export.save(path, net.plan, tree, spec, model=model, input_shape=(2, 2), graph=graph)
-    x = jax.random.uniform(jax.random.key(0), (5, 2, 2))
     assert np.max(np.abs(export.load(path).predict(x) - net.logits(tree, spec, x))) <= 1e-5
 
 

@@ -14,7 +14,7 @@ import pytest
 import zoo
 from flax import nnx
 
-from qsparse import training, wrap
+from qsparse import export, training, wrap
 
 IMG = (2, 28, 28, 1)
 
@@ -185,3 +185,32 @@ def test_batch_statistics_are_carried_and_used_by_evaluation():
     want = model.apply(variables, x, train=False)
     got = training.logits_fn(model, plan, state.params, spec, x, state.model_state)
     assert float(jnp.max(jnp.abs(got - want))) == 0.0
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_load_and_inference_give_the_trained_predictions(tmp_path, name):
+    factory, kwargs, batch = CASES[name]
+    model = factory()
+    x = batch(8, seed=2)
+    plan = wrap.make_plan(model, _rules(name), x[:1], **kwargs)
+    sched = training.Schedule(total_steps=4, prune_begin=1, prune_end=3, prune_every=1)
+    spec = training.make_spec(plan.init_spec(), learning_rate=1e-2)
+    state = training.init_state(model, plan, sched, spec, jax.random.key(0), x[:1])
+    step = jax.jit(training.make_train_step(model, plan, sched))
+    target = jnp.zeros(x.shape[:2] if name == "transformer_lm" else x.shape[:1], jnp.int32)
+    for _ in range(sched.total_steps):  # pruned to 4X, batch statistics moved
+        state, _ = step(state, (x, target), spec)
+    want = training.logits_fn(model, plan, state.params, spec, x, state.model_state)
+    info = export.save(
+        tmp_path / "m.qsp", plan, state.params, spec, model=model, model_state=state.model_state
+    )
+    assert info["payload_bits"] == info["weight_memory_bits"]
+    mem = plan.memory(
+        spec["layers"],
+        plan.transform_params(state.params["params"], state.params["quant"], spec["layers"]),
+    )
+    assert info["payload_bits"] == int(mem["weight_memory_bits"])
+    r = export.restore(tmp_path / "m.qsp")
+    assert jax.tree.structure(r.params) == jax.tree.structure(state.params["params"])
+    got = plan.apply(model, r.params, r.qparams, r.spec, x, state=r.model_state, quantized=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -181,6 +181,11 @@ class Model:
 
     def __init__(self, path: str):
         self.manifest, payload = read_file(path)
+        if self.manifest.get("graph") is None:
+            raise DecodeError(
+                f"{path} is in the model layout (no graph, section 13): run it through the"
+                " model's own code with qsparse.export.restore"
+            )
         arrays = read_arrays(self.manifest, payload)
         self.layers = {}
         for lay in self.manifest["layers"]:
