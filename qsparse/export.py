@@ -815,7 +815,6 @@ def save(
         summary[name] = {"kept_blocks": kept, "blocks": grid[0] * grid[1], "index": index}
 
     mem_q, mem_p = quantized["mem_q"], quantized["mem_p"]
-    payload_bits = sum(e["count"] * e["bits"] for e in payload.entries)
     for lay in layers_out:
         lay["memory_bits"] = int(mem_q["layers"][lay["name"]]["total"])
         nbytes = sum(e["nbytes"] for e in payload.entries if e["layer"] == lay["name"])
@@ -842,38 +841,13 @@ def save(
         },
         "meta": dict(meta or {}),
     }
-    if payload_bits != int(mem_q["weight_memory_bits"]):
-        # Cannot happen unless this writer and qsparse.memory disagree: refuse to write.
-        raise RuntimeError(
-            f"payload has {payload_bits} bits, the memory model counts "
-            f"{int(mem_q['weight_memory_bits'])}: the writer and qsparse.memory disagree"
-        )
-    man = json.dumps(manifest, default=_json_default, separators=(",", ":")).encode()
-    body = b"".join(payload.chunks)
-    header = _HEADER.pack(MAGIC, VERSION, len(man), zlib.crc32(man), len(body), zlib.crc32(body))
+
     # Read the bytes back and run their graph next to the model: a graph that does not compute
     # what the model computes is refused before anything is written.
-    _check_against_model(
-        _load_bytes(header + man + body), reference_model, plan, params, qparams, layer_spec
-    )
-    _write_atomic(path, header + man + body)
-    fp32_bytes = int(mem_q["fp32_weight_memory_bits"]) // 8
-    file_bytes = len(header) + len(man) + len(body)
-    return {
-        "path": str(path),
-        "payload_bytes": payload.size,
-        "payload_bits": int(payload_bits),
-        "weight_memory_bits": int(mem_q["weight_memory_bits"]),
-        "weight_memory_bytes": int(mem_q["weight_memory_bits"]) / 8,
-        "memory_model_bits_params": int(mem_p["weight_memory_bits"]),
-        "file_bytes": file_bytes,
-        "header_bytes": len(header) + len(man),
-        "fp32_bytes": fp32_bytes,
-        "compression": fp32_bytes / max(payload.size, 1),
-        "memory_compression": float(mem_q["weight_compression"]),
-        "file_compression": fp32_bytes / file_bytes,
-        "layers": summary,
-    }
+    def check(data):
+        _check_against_model(_load_bytes(data), reference_model, plan, params, qparams, layer_spec)
+
+    return _finish(path, manifest, payload, mem_q, mem_p, summary, check)
 
 
 def _is_chain(plan: Plan, model) -> bool:
@@ -959,12 +933,6 @@ def _save_model(path, plan: Plan, params, qparams, layer_spec, model_state, inpu
         )
         tensors.append({"collection": collection, "path": list(p), "array": key})
     mem_q = quantized["mem_q"]
-    payload_bits = sum(e["count"] * e["bits"] for e in payload.entries)
-    if payload_bits != int(mem_q["weight_memory_bits"]):
-        raise RuntimeError(
-            f"payload has {payload_bits} bits, the memory model counts "
-            f"{int(mem_q['weight_memory_bits'])}: the writer and qsparse.memory disagree"
-        )
     in_shape = list(input_shape) if input_shape is not None else [plan.input_size]
     manifest = {
         "format": "qsparse-packed",
@@ -991,9 +959,24 @@ def _save_model(path, plan: Plan, params, qparams, layer_spec, model_state, inpu
         },
         "meta": dict(meta or {}),
     }
+    return _finish(path, manifest, payload, mem_q, quantized["mem_p"], summary)
+
+
+def _finish(path, manifest, payload, mem_q, mem_p, summary, check=None) -> dict:
+    """Checks the payload against the memory model, writes the file, returns :func:`save`'s
+    dict. ``check(data)`` may refuse the file's bytes before anything is written."""
+    payload_bits = sum(e["count"] * e["bits"] for e in payload.entries)
+    if payload_bits != int(mem_q["weight_memory_bits"]):
+        # Cannot happen unless this writer and qsparse.memory disagree: refuse to write.
+        raise RuntimeError(
+            f"payload has {payload_bits} bits, the memory model counts "
+            f"{int(mem_q['weight_memory_bits'])}: the writer and qsparse.memory disagree"
+        )
     man = json.dumps(manifest, default=_json_default, separators=(",", ":")).encode()
     body = b"".join(payload.chunks)
     header = _HEADER.pack(MAGIC, VERSION, len(man), zlib.crc32(man), len(body), zlib.crc32(body))
+    if check is not None:
+        check(header + man + body)
     _write_atomic(path, header + man + body)
     fp32_bytes = int(mem_q["fp32_weight_memory_bits"]) // 8
     file_bytes = len(header) + len(man) + len(body)
@@ -1003,7 +986,7 @@ def _save_model(path, plan: Plan, params, qparams, layer_spec, model_state, inpu
         "payload_bits": int(payload_bits),
         "weight_memory_bits": int(mem_q["weight_memory_bits"]),
         "weight_memory_bytes": int(mem_q["weight_memory_bits"]) / 8,
-        "memory_model_bits_params": int(quantized["mem_p"]["weight_memory_bits"]),
+        "memory_model_bits_params": int(mem_p["weight_memory_bits"]),
         "file_bytes": file_bytes,
         "header_bytes": len(header) + len(man),
         "fp32_bytes": fp32_bytes,
