@@ -718,6 +718,7 @@ def save(
         random inputs; no file is written).
     """
     layer_spec = _layer_spec(spec)
+    plan.check_spec(layer_spec)  # bits in the allowed set, compression >= 1, one line
     params, qparams = params_tree["params"], params_tree.get("quant", {})
     ordered = sorted(plan.layers.values(), key=lambda lp: lp.order)
     if graph is None and not _is_chain(plan, model):

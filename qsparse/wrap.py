@@ -893,10 +893,18 @@ def make_plan(
             order=uses[0][0].order,
             int_matmul=int_mm,
         )
+    hidden = sorted("/".join(map(str, paths[i])) for i in tr.hidden if i not in seen)
     for j, r in enumerate(rules):
         if not used[j]:
+            also = (
+                f"; not covered (used inside scan/while/cond/remat or a custom-derivative"
+                f" function): {hidden}"
+                if hidden
+                else ""
+            )
             raise ValueError(
-                f"rule pattern={r.pattern!r} matches no layer: layers are {list(names.values())}"
+                f"rule pattern={r.pattern!r} matches no layer: layers are"
+                f" {list(names.values())}{also}"
             )
     state_shapes = {}
     for path, leaf in zip(_leaf_paths(state), jax.tree.leaves(state)):

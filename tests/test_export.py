@@ -154,6 +154,23 @@ def _mlp_spec(net, bits, compression):
     return net.spec(Dense_0=vals, Dense_1={**vals, "a_bits": bits}, Dense_2={"a_bits": bits})
 
 
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("w_bits", 0, "Dense_0.w_bits=0 is not allowed"),
+        ("w_bits", 2.5, "Dense_0.w_bits=2.5 is not allowed"),
+        ("a_bits", -3, "Dense_0.a_bits=-3 is not allowed"),
+        ("compression", 0.5, "Dense_0.compression=0.5 is not allowed"),
+    ],
+)
+def test_bad_spec_values_are_refused_and_nothing_is_written(tmp_path, mlp, field, value, message):
+    spec = mlp.spec(Dense_0={field: value})
+    tree = mlp.tree(mlp.spec())
+    with pytest.raises(ValueError, match=message) as e:
+        export.save(tmp_path / "m.qsp", mlp.plan, tree, spec, model=MLP)
+    assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("compression", [1, 2, 4, 8])
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
 def test_round_trip_codes_and_payload_size(tmp_path, mlp, bits, compression):

@@ -214,3 +214,26 @@ def test_int_matmul_refuses_what_it_cannot_make_exact():
         wrap.Rule(pattern=".*", int_matmul=True, w_bits=2, a_bits=32, scale_mode="learned")
     with pytest.raises(ValueError, match="bf16_grads=True with int_matmul=False is not allowed"):
         wrap.Rule(pattern=".*", bf16_grads=True, w_bits=2, scale_mode="learned")
+
+
+class Cell(nn.Module):
+    @nn.compact
+    def __call__(self, c, _):
+        return nn.relu(nn.Dense(4)(c)), None
+
+
+class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(4)(x.reshape((x.shape[0], -1)))
+        cells = nn.scan(Cell, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+        x, _ = cells(name="cells")(x, None)
+        return x
+
+
+def test_layers_inside_a_scan_are_named_as_not_covered():
+    plan = wrap.make_plan(Scanned(), [], X)
+    assert list(plan.layers) == ["Dense_0"]
+    with pytest.raises(ValueError, match="not covered .*scan.*cells/Dense_0/kernel") as e:
+        wrap.make_plan(Scanned(), [wrap.Rule(pattern="cells.*", w_bits=2)], X)
+    assert "\n" not in str(e.value)
