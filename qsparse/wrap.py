@@ -47,6 +47,7 @@ from qsparse import intercept, quant, sparsity
 from qsparse import memory as mem
 
 INT_MATMUL_MAX_BITS = 8  # integer codes of up to 8 bits are exact in bfloat16
+FULL = quant.FULL_PRECISION
 _MODE_ARGS = (  # (argument, value in training, value in evaluation), first found wins
     ("train", True, False),
     ("training", True, False),
@@ -64,7 +65,8 @@ class Rule:
       pattern: regular expression, full match on the layer name (``"Dense_0"``, ``".*"``).
       w_bits: weight bits (see :data:`qsparse.quant.ALLOWED_BITS`; 32 = float); the spec's
         initial value.
-      a_bits: bits of the layer's input activations (32 = left as they are).
+      a_bits: bits of the layer's input activations; 32: left as they are, with no quantizer
+        in the program (a spec cannot lower it then).
       compression: block compression ratio >= 1 (spec's initial value); needs ``block_shape``.
       block_shape: ``(bm, bn)`` on the weight's matrix view, or ``None`` for no block sparsity.
       per_channel: one weight scale per output channel.
@@ -144,7 +146,9 @@ class LayerPlan:
       kernel_shape: the weight's shape.
       ops: the covered operations using it (``"dot_general"``, ``"conv_general_dilated"``,
         ``"gather"``), in first-use order.
-      act_quantized: whether it has an activation operand (a matmul or convolution).
+      act_quantized: whether its input is quantized: it has an activation operand (a matmul or
+        convolution) and its rule's ``a_bits`` is below 32. Static: a rule at 32 bits leaves
+        the input as it is, with no quantizer (and no clip gradient) in the program.
       a_signed: whether that activation quantizer is signed.
       in_size: values in its (first) activation operand for one example; 0 for lookups.
       reads_input: that operand is the model's input itself (reshaped at most).
@@ -423,7 +427,8 @@ class Plan:
 
         Raises:
           ValueError: a missing layer, a bit width outside :data:`qsparse.quant.ALLOWED_BITS`,
-            a compression below 1, or more than 8 bits on an ``int_matmul`` layer.
+            a compression below 1, more than 8 bits on an ``int_matmul`` layer, or input bits
+            below 32 on a layer whose rule has no input quantizer.
         """
         for name, lp in self.layers.items():
             if name not in spec:
@@ -431,6 +436,14 @@ class Plan:
             s = spec[name]
             quant.check_bits(s["w_bits"], f"{name}.w_bits")
             quant.check_bits(s["a_bits"], f"{name}.a_bits")
+            a = s["a_bits"]
+            if not lp.act_quantized and not isinstance(a, jax.core.Tracer):
+                low = float(np.min(np.asarray(a)))
+                if low < FULL:
+                    raise ValueError(
+                        f"{name}.a_bits={low:g} is not allowed: the layer's rule leaves its input"
+                        f" as it is (Rule.a_bits=32); give the rule a_bits < 32 to quantize it"
+                    )
             sparsity.check_compression(s["compression"], f"{name}.compression")
             if lp.int_matmul:
                 for key in ("w_bits", "a_bits"):
@@ -886,7 +899,7 @@ def make_plan(
             rule=rule,
             kernel_shape=kshape,
             ops=tuple(dict.fromkeys(s.kind for s, _, _ in uses)),
-            act_quantized=bool(acts),
+            act_quantized=bool(acts) and rule.a_bits < FULL,
             a_signed=bool(signed),
             in_size=int(np.prod(first[1].shape[1:])) if first else 0,
             reads_input=bool(first and first[0].reads_input),

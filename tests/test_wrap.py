@@ -74,6 +74,13 @@ def test_apply_quantizes_kernels_and_input_activations():
     assert np.array_equal(
         plan.apply(model, params, qp, spec32, x), model.apply({"params": params}, x)
     )
+    # Dense_0's rule leaves its input (the data) as it is: no quantizer, no clip, and a spec
+    # cannot ask for one.
+    assert not plan.layers["Dense_0"].act_quantized and "a_clip" not in qp.get("Dense_0", {})
+    bad = plan.init_spec()
+    bad["Dense_0"]["a_bits"] = jnp.float32(2)
+    with pytest.raises(ValueError, match="Dense_0.a_bits=2 is not allowed: the layer's rule"):
+        plan.memory(bad)
 
 
 class Shifted(nn.Module):
