@@ -307,6 +307,13 @@ def validate_sweep(config) -> None:
             common.validate(setting_config(config, s))
 
 
+def _plan_setting(settings, s):
+    """The setting whose config builds the plan of ``s``'s shape: the one with the fewest
+    activation bits, so every layer whose input any setting quantizes has its quantizer (a
+    rule at 32 bits has none; settings at 32 bits run it as the identity)."""
+    return min((t for t in settings if t.shape == s.shape), key=lambda t: t.a_bits)
+
+
 def enumerate_settings(config) -> list[Setting]:
     """All settings of a sweep config, in a fixed order (their ids).
 
@@ -606,7 +613,7 @@ def run_sweep(
     runs = {}
     for s in settings:  # build every shape first: a bad block shape fails before training
         if s.shape not in runs:
-            runs[s.shape] = common.build_run(setting_config(config, s), ds)
+            runs[s.shape] = common.build_run(setting_config(config, _plan_setting(settings, s)), ds)
     common.guard_workdir(workdir, config, overwrite)
 
     devices = jax.devices()
@@ -1073,7 +1080,9 @@ def load_setting(workdir, setting_id: int, *, dataset=None):
     chunk = next(c for c in layout if int(setting_id) in c["ids"])
     pos = chunk["ids"].index(int(setting_id))
     s = settings[int(setting_id)]
-    run = common.build_run(setting_config(config, s), dataset)
+    # The shape's plan (as the sweep trained it), with this setting's own config.
+    run = common.build_run(setting_config(config, _plan_setting(settings, s)), dataset)
+    run = dataclasses.replace(run, config=setting_config(config, s))
     members = [settings[i] for i in chunk["ids"]]
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     mgr = common.checkpoint_manager(

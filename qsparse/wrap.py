@@ -740,14 +740,16 @@ class Plan:
             e["fp32"] += size * mem.FP_BITS
         for e in per_module.values():
             e["total"] = e["codes"] + e["index"] + e["scales"] + e["other"]
+        # Every matmul / convolution input is a buffer (lookups have none), 32 bits unquantized.
         ordered = sorted(
-            (lp for lp in self.layers.values() if lp.act_quantized and not lp.reads_input),
+            (lp for lp in self.layers.values() if lp.in_size and not lp.reads_input),
             key=lambda lp: lp.order,
         )
         acts = mem.activation_memory(
             self.input_size,
             [lp.in_size for lp in ordered] + [self.output_size],
-            [spec[lp.name]["a_bits"] for lp in ordered] + [mem.FP_BITS],
+            [spec[lp.name]["a_bits"] if lp.act_quantized else FULL for lp in ordered]
+            + [mem.FP_BITS],
             input_bits=input_bits,
         )
         out = mem.summarize(per_module, acts)
