@@ -18,9 +18,12 @@ def get_base() -> ml_collections.ConfigDict:
     c.idx_dir = ""  # a directory of IDX files; "" = the Debian package's files, then TFDS
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "mlp"  # mlp | lenet | vgg
+    c.model.name = "mlp"  # mlp | lenet | vgg | resnet
     c.model.hidden = (512, 512)  # MLP hidden widths; for lenet/vgg the Dense width is hidden[-1]
-    c.model.channels = (32, 64)  # conv channels (lenet: two stages, vgg: one per stage)
+    c.model.channels = (32, 64)  # conv channels (lenet: two stages, vgg/resnet: one per stage)
+    # resnet: weight layers on the main path, 2 + 2 * blocks * len(channels) (8 = ResNet-8,
+    # 20 = ResNet-20 on three stages); the other models ignore it.
+    c.model.depth = 8
 
     c.quant = ml_collections.ConfigDict()
     c.quant.w_bits = 2  # weight bits, 1..8 or 32 (float)

@@ -69,6 +69,23 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
         hidden,
         "use positive integers, e.g. --config.model.hidden='(512, 512)'",
     )
+    channels = tuple(config.model.channels)
+    if config.model.name != "mlp":
+        _check(
+            len(channels) > 0 and all(isinstance(ch, int) and ch > 0 for ch in channels),
+            "model.channels",
+            channels,
+            "use positive integers, e.g. --config.model.channels='(16, 32, 64)'",
+        )
+    if config.model.name == "resnet":
+        depth = config.model.get("depth", 8)
+        _check(
+            models.resnet_blocks(depth, len(channels)) is not None,
+            "model.depth",
+            depth,
+            f"use 2 + 2 * blocks * len(model.channels) with blocks >= 1, e.g."
+            f" {2 + 2 * len(channels)} or {2 + 6 * len(channels)}",
+        )
     _check(_bits_ok(config.quant.w_bits), "quant.w_bits", config.quant.w_bits, bits)
     _check(_bits_ok(config.quant.a_bits), "quant.a_bits", config.quant.a_bits, bits)
     for f in ("first_w_bits", "last_w_bits", "first_a_bits"):
@@ -348,6 +365,7 @@ def build_model(config, num_classes: int):
         num_classes=num_classes,
         hidden=list(config.model.hidden),
         channels=list(config.model.channels),
+        depth=config.model.get("depth", 8),  # runs from before the field had none
     )
 
 
