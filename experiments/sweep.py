@@ -18,7 +18,9 @@ groups run in chunks of ``sweep.chunk_size`` (the last chunk padded by repeating
 so every chunk of a shape has the same shape and reuses the one compilation). The setting
 axis is split over the available devices (``Mesh`` axis ``"settings"``,
 :func:`qsparse.training.over_settings`: each device runs its own settings); the data is
-replicated.
+replicated. A model with convolutions on a CPU runs its chunk's epoch as a host loop over
+one compiled step of every setting instead (``--loop``, :func:`make_program`): XLA:CPU runs
+a training step's convolutions far slower inside a loop body (jax-ml/jax#12868).
 
 Each setting starts from what ``experiments.train`` would use for it alone (the same
 ``common.make_spec``, ``common.init_state`` with its seed, ``common.epoch_key`` per epoch) and
@@ -450,13 +452,17 @@ class Program:
     """The compiled chunk functions of one model shape.
 
     Attributes:
-      epoch: ``epoch(states, images, labels, keys, specs) -> (states, metrics)``, batched.
+      epoch: ``epoch(states, images, labels, keys, specs) -> (states, metrics)``, batched:
+        one jitted scanned epoch, or a host loop of one jitted step of every setting
+        (``loop``); the states passed in may be donated (use the returned ones).
       evaluate: ``evaluate(params, specs, images, labels, model_state) -> {"accuracy",
         "loss"}``, batched.
+      loop: ``"scan"`` or ``"steps"`` (:func:`qsparse.training.pick_loop`).
     """
 
     epoch: Any
     evaluate: Any
+    loop: str = "scan"
 
 
 # Traces of the chunk programs, keyed by ("epoch" | "eval", model shape). A trace is what a
@@ -467,7 +473,7 @@ TRACES: collections.Counter = collections.Counter()
 _PROGRAMS: dict[tuple, Program] = {}
 
 
-def _program_key(config, setting: Setting, mesh, vectorize: str) -> tuple:
+def _program_key(config, setting: Setting, mesh, vectorize: str, loop: str) -> tuple:
     """What a chunk program depends on: the config without the per-setting values."""
     from experiments import common
 
@@ -482,17 +488,27 @@ def _program_key(config, setting: Setting, mesh, vectorize: str) -> tuple:
         prox_strength=0.0,
     )
     text = common.config_json(setting_config(config, fixed))
-    return (text, vectorize, tuple(d.id for d in mesh.devices.flat))
+    return (text, vectorize, loop, tuple(d.id for d in mesh.devices.flat))
 
 
-def make_program(run, shape, mesh, vectorize: str) -> Program:
+def make_program(run, shape, mesh, vectorize: str, loop: str = "auto") -> Program:
     """Builds the chunk epoch and eval functions of a model shape.
+
+    The epoch is one program of the scanned epoch of every setting (``training.over_settings``
+    around ``training.make_train_epoch``), or, where ``training.pick_loop`` picks the host
+    loop of steps (a model with convolutions on a CPU, whose convolutions XLA:CPU runs far
+    slower inside a loop body), a host loop over one program of a step of every setting
+    (``over_settings`` around the step of ``training.make_epoch_steps``), so that no
+    convolution sits inside a loop; ``"map"`` then puts the settings one after another
+    unrolled in that program (``over_settings(..., "unroll")``) instead of in a ``lax.map``.
+    Either way each setting computes what its lone run computes.
 
     Args:
       run: the shape's run (any of its settings: only the static part is used).
       shape: the shape key (for :data:`TRACES`).
       mesh: a ``Mesh`` with a ``"settings"`` axis.
       vectorize: ``"vmap"`` or ``"map"`` (see the module docstring).
+      loop: ``"auto"``, ``"scan"`` or ``"steps"`` (``training.pick_loop``).
 
     Returns:
       The :class:`Program`.
@@ -504,28 +520,55 @@ def make_program(run, shape, mesh, vectorize: str) -> Program:
     from qsparse import training
 
     c = run.config
-    epoch = training.make_train_epoch(run.model, run.plan, run.sched, c.batch_size)
+    form = training.pick_loop(run.plan, loop)
     evaluate = training.make_eval(run.model, run.plan, c.eval_batch_size)
     # The settings axis is split over the devices; each runs its own settings (see
-    # training.over_settings), batched by vmap or one after another by lax.map.
-    batched_epoch = training.over_settings(epoch, mesh, (True, False, False, True, True), vectorize)
+    # training.over_settings), batched by vmap or one after another by lax.map. (The
+    # evaluation's forward convolutions keep their speed inside its scan and lax.map.)
     batched_eval = training.over_settings(
         evaluate, mesh, (True, True, False, False, True), vectorize
     )
-
-    def epoch_fn(states, images, labels, keys, specs):
-        TRACES[("epoch", shape)] += 1
-        return batched_epoch(states, images, labels, keys, specs)
 
     def eval_fn(params, specs, images, labels, model_state):
         TRACES[("eval", shape)] += 1
         return batched_eval(params, specs, images, labels, model_state)
 
     s, r = NamedSharding(mesh, P("settings")), NamedSharding(mesh, P())
-    return Program(
-        epoch=jax.jit(epoch_fn, in_shardings=(s, r, r, s, s), out_shardings=s),
-        evaluate=jax.jit(eval_fn, in_shardings=(s, s, r, r, s), out_shardings=s),
+    evaluate = jax.jit(eval_fn, in_shardings=(s, s, r, r, s), out_shardings=s)
+    if form == "scan":
+        epoch = training.make_train_epoch(run.model, run.plan, run.sched, c.batch_size)
+        batched_epoch = training.over_settings(
+            epoch, mesh, (True, False, False, True, True), vectorize
+        )
+
+        def epoch_fn(states, images, labels, keys, specs):
+            TRACES[("epoch", shape)] += 1
+            return batched_epoch(states, images, labels, keys, specs)
+
+        jitted = jax.jit(epoch_fn, in_shardings=(s, r, r, s, s), out_shardings=s)
+        return Program(epoch=jitted, evaluate=evaluate, loop=form)
+
+    parts = training.make_epoch_steps(run.model, run.plan, run.sched, c.batch_size)
+    vec = "unroll" if vectorize == "map" else vectorize
+    begin = training.over_settings(parts.begin, mesh, (False, True), vec)
+    step = training.over_settings(parts.step, mesh, (True, True, True, False, False, True), vec)
+    end = training.over_settings(parts.end, mesh, (True, True), vec)
+
+    def step_fn(states, progress, perms, images, labels, specs):
+        TRACES[("epoch", shape)] += 1  # the epoch's program
+        return step(states, progress, perms, images, labels, specs)
+
+    epoch = training.steps_epoch(
+        jax.jit(begin, in_shardings=(r, s), out_shardings=s),
+        jax.jit(
+            step_fn,
+            in_shardings=(s, s, s, r, r, s),
+            out_shardings=s,
+            donate_argnums=(0, 1),
+        ),
+        jax.jit(end, in_shardings=(s, s), out_shardings=s),
     )
+    return Program(epoch=epoch, evaluate=evaluate, loop=form)
 
 
 def stack(trees):
@@ -582,6 +625,7 @@ def run_sweep(
     stop_after_chunks: int = 0,
     stop_after_epochs: int = 0,
     progress: bool = True,
+    loop: str = "auto",
 ):
     """Runs (or resumes) a sweep and writes its results and reports.
 
@@ -592,6 +636,9 @@ def run_sweep(
       stop_after_chunks: for tests: return after this many chunks of this call (0 = all).
       stop_after_epochs: for tests: return after this many chunk-epochs of this call (0 = all).
       progress: show the tqdm progress bar (stderr).
+      loop: how each chunk's epoch runs: ``"auto"`` (the scanned epoch, or for a model
+        with convolutions on a CPU a host loop of steps), ``"scan"`` or ``"steps"``; see
+        :func:`make_program`.
 
     Returns:
       The result rows (as in results.csv), or None when stopped early.
@@ -604,10 +651,13 @@ def run_sweep(
 
     from experiments import common
     from qsparse import data as qdata
+    from qsparse import training
 
     workdir = Path(workdir)
     common.validate(config)
     validate_sweep(config)
+    if loop not in training.LOOPS:
+        raise common.ConfigError(f"loop={loop!r} is not allowed: use one of {training.LOOPS}")
     settings = enumerate_settings(config)
     ds = common.load_data(config)
     runs = {}
@@ -645,9 +695,10 @@ def run_sweep(
             if done[chunk.index] is not None:
                 continue
             shape = settings[chunk.ids[0]].shape
-            key = _program_key(config, settings[chunk.ids[0]], mesh, vectorize)
+            form = training.pick_loop(runs[shape].plan, loop)
+            key = _program_key(config, settings[chunk.ids[0]], mesh, vectorize, form)
             if key not in _PROGRAMS:
-                _PROGRAMS[key] = make_program(runs[shape], shape, mesh, vectorize)
+                _PROGRAMS[key] = make_program(runs[shape], shape, mesh, vectorize, form)
             members = [settings[i] for i in chunk.ids]
             done[chunk.index] = _train_chunk(
                 config,
@@ -1115,6 +1166,13 @@ def _define_flags() -> None:
         0,
         "Stop (as if killed) after this many chunk-epochs of this invocation; tests.",
     )
+    flags.DEFINE_enum(
+        "loop",
+        "auto",
+        ["auto", "scan", "steps"],
+        "How a chunk's epoch runs: auto = one scanned program, or for a model with"
+        " convolutions on a CPU a host loop of one program stepping every setting.",
+    )
 
 
 def main(argv):
@@ -1130,6 +1188,7 @@ def main(argv):
             overwrite=FLAGS.overwrite,
             stop_after_chunks=FLAGS.stop_after_chunks,
             stop_after_epochs=FLAGS.stop_after_epochs,
+            loop=FLAGS.loop,
         )
     except (common.ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

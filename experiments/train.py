@@ -5,7 +5,9 @@ r"""Trains one qsparse experiment from a config file.
 
 Phases: train with quantization and the block-lasso prox, gradual cubic pruning to the target
 compression, fine-tuning with frozen masks. Each epoch is one jitted ``lax.scan`` over
-device-resident data. Rerunning the same command resumes from the latest checkpoint.
+device-resident data, or for a model with convolutions on a CPU a host loop of one jitted
+step (``--loop``; ``qsparse.training.make_epoch_runner``). Rerunning the same command
+resumes from the latest checkpoint.
 Writes DIR/config.json, DIR/checkpoints/, TensorBoard events in DIR, DIR/results.json.
 """
 
@@ -31,9 +33,24 @@ def define_flags():
     flags.DEFINE_integer(
         "stop_after_epochs", 0, "Stop after this many epochs of this invocation (for tests)."
     )
+    flags.DEFINE_enum(
+        "loop",
+        "auto",
+        ["auto", "scan", "steps"],
+        "How an epoch runs: auto = one scanned program, or for a model with convolutions on"
+        " a CPU a host loop of one jitted step.",
+    )
 
 
-def train_and_evaluate(config, workdir, *, overwrite: bool = False, stop_after_epochs: int = 0):
+def train_and_evaluate(
+    config,
+    workdir,
+    *,
+    overwrite: bool = False,
+    stop_after_epochs: int = 0,
+    loop: str = "auto",
+    dataset=None,
+):
     """Runs (or resumes) one training run and writes results.json.
 
     Args:
@@ -41,6 +58,10 @@ def train_and_evaluate(config, workdir, *, overwrite: bool = False, stop_after_e
       workdir: run directory.
       overwrite: replace a workdir of another config.
       stop_after_epochs: for tests: return after this many epochs of this call (0 = run all).
+      loop: ``"auto"``, ``"scan"`` or ``"steps"``: the form of each epoch
+        (``qsparse.training.pick_loop``).
+      dataset: the config's data set, already loaded (else loaded here; ``scripts/bench.py``
+        passes a cut one).
 
     Returns:
       The results dict (also written to ``workdir/results.json``), or None when stopped early.
@@ -54,7 +75,9 @@ def train_and_evaluate(config, workdir, *, overwrite: bool = False, stop_after_e
 
     workdir = Path(workdir)
     common.validate(config)
-    ds = common.load_data(config)
+    if loop not in training.LOOPS:
+        raise ValueError(f"loop={loop!r} is not allowed: use one of {training.LOOPS}")
+    ds = common.load_data(config) if dataset is None else dataset
     run = common.build_run(config, ds)  # validates the batch size and the block shapes
     common.guard_workdir(workdir, config, overwrite)
 
@@ -73,7 +96,10 @@ def train_and_evaluate(config, workdir, *, overwrite: bool = False, stop_after_e
         logging.info("resumed from checkpoint at step %d (epoch %d)", step, start_epoch)
         print(f"resumed from step {step} (epoch {start_epoch})", flush=True)
 
-    epoch_fn = jax.jit(training.make_train_epoch(run.model, run.plan, run.sched, config.batch_size))
+    # A jitted scanned epoch, or a host loop of jitted steps; the state passed in is donated.
+    epoch_fn = training.make_epoch_runner(
+        run.model, run.plan, run.sched, config.batch_size, loop=loop
+    )
     eval_fn = jax.jit(training.make_eval(run.model, run.plan, config.eval_batch_size))
     writer = common.make_writer(workdir)
     if start_epoch == 0:
@@ -194,6 +220,7 @@ def main(argv):
             FLAGS.workdir,
             overwrite=FLAGS.overwrite,
             stop_after_epochs=FLAGS.stop_after_epochs,
+            loop=FLAGS.loop,
         )
     except (common.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -323,6 +323,10 @@ def make_train_step(model, plan: Plan, sched: Schedule, *, guard: bool = True):
 def make_train_epoch(model, plan: Plan, sched: Schedule, batch_size: int, *, guard: bool = True):
     """One epoch as a single ``lax.scan`` over device-resident data.
 
+    To train, :func:`make_epoch_runner` gives the epoch ready to call in the form that is
+    fast on the backend: this scan, or (a convolutional model on a CPU) the same steps as a
+    host loop (:func:`make_epoch_steps`).
+
     Args:
       model: the Linen model.
       plan: its plan.
@@ -342,24 +346,205 @@ def make_train_epoch(model, plan: Plan, sched: Schedule, batch_size: int, *, gua
         perm = data.epoch_indices(key, images.shape[0], batch_size)
 
         def body(st, idx):
-            x, y = data.get_batch(images, labels, idx)
-            batch = (x, y) if teacher is None else (x, y, teacher[idx])
-            st, m = step_fn(st, batch, spec)
-            return st, m
+            return _gathered_step(step_fn, st, idx, images, labels, spec, teacher)
 
         start = state.step
         state, ms = jax.lax.scan(body, state, perm)
-        finite = ms["finite"] if guard else jnp.ones_like(ms["loss"], bool)
-        bad = jnp.argmin(finite)  # first False, or 0 when all True
-        first_bad = jnp.where(jnp.all(finite), -1, start + bad)
-        out = {
-            "loss": jnp.mean(ms["loss"]),
-            "accuracy": jnp.mean(ms["accuracy"]),
-            "all_finite": jnp.all(finite),
-            "first_nonfinite_step": first_bad,
-        }
-        return state, out
+        return state, _epoch_metrics(ms, start, guard)
 
+    return epoch
+
+
+def _gathered_step(step_fn, state, idx, images, labels, spec, teacher):
+    """One step on the batch ``idx`` gathered from the device-resident data (both loops)."""
+    x, y = data.get_batch(images, labels, idx)
+    batch = (x, y) if teacher is None else (x, y, teacher[idx])
+    return step_fn(state, batch, spec)
+
+
+def _epoch_metrics(ms, start, guard: bool) -> dict:
+    """An epoch's metrics from its per-step ``loss``, ``accuracy`` (and ``finite``) arrays."""
+    finite = ms["finite"] if guard else jnp.ones_like(ms["loss"], bool)
+    bad = jnp.argmin(finite)  # first False, or 0 when all True
+    first_bad = jnp.where(jnp.all(finite), -1, start + bad)
+    return {
+        "loss": jnp.mean(ms["loss"]),
+        "accuracy": jnp.mean(ms["accuracy"]),
+        "all_finite": jnp.all(finite),
+        "first_nonfinite_step": first_bad,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop an epoch runs in.
+
+LOOPS = ("auto", "scan", "steps")
+
+
+def has_conv(plan: Plan) -> bool:
+    """Whether the plan's model has a covered convolution."""
+    return any("conv_general_dilated" in lp.ops for lp in plan.layers.values())
+
+
+def pick_loop(plan: Plan, loop: str = "auto", backend: str | None = None) -> str:
+    """The form of an epoch (and of a sweep's per-setting loop): ``"scan"`` or ``"steps"``.
+
+    ``"scan"`` runs the epoch as one compiled ``lax.scan`` (:func:`make_train_epoch`): no
+    dispatch between steps, what pays for MLPs and on accelerators. ``"steps"`` runs it as a
+    host loop of one compiled step (:func:`make_epoch_steps`), which gathers its batch on the
+    device as the scan's body does. XLA:CPU runs the convolutions of a training step far
+    slower inside a loop body (``scan``, ``fori_loop``, ``lax.map``) than at the top level of
+    a program (jax-ml/jax#12868: 12x to 70x for a LeNet step with JAX 0.10.2; a forward pass
+    alone, as in :func:`make_eval`, is not affected), so ``"auto"`` picks ``"steps"`` for a model
+    with a convolution on the CPU backend and ``"scan"`` everywhere else. This is the one
+    place that choice is made.
+
+    Args:
+      plan: the model's plan (its layers' ``ops`` tell whether it convolves).
+      loop: ``"auto"``, or ``"scan"`` / ``"steps"`` to force a form.
+      backend: the backend the epoch runs on (default: JAX's default backend).
+
+    Returns:
+      ``"scan"`` or ``"steps"``.
+
+    Raises:
+      ValueError: ``loop`` is not one of :data:`LOOPS`.
+    """
+    if loop not in LOOPS:
+        raise ValueError(f"loop={loop!r} is not allowed: use one of {LOOPS}")
+    if loop != "auto":
+        return loop
+    backend = backend or jax.default_backend()
+    return "steps" if backend == "cpu" and has_conv(plan) else "scan"
+
+
+class EpochSteps(NamedTuple):
+    """The epoch of :func:`make_train_epoch` as three pure functions, for a host loop.
+
+    Attributes:
+      begin: ``begin(images_u8, key) -> (perm, progress)``: the epoch's batches (the scanned
+        epoch's permutation) and the step counter and per-step metric arrays.
+      step: ``step(state, progress, perm, images_u8, labels, spec, teacher=None) ->
+        (state, progress)``: step ``progress["i"]`` of the epoch, its batch gathered on the
+        device from ``perm`` as the scanned body gathers it; ``state`` and ``progress`` can
+        be donated.
+      end: ``end(state, progress) -> metrics``: the scanned epoch's metrics.
+    """
+
+    begin: Any
+    step: Any
+    end: Any
+
+
+def make_epoch_steps(model, plan: Plan, sched: Schedule, batch_size: int, *, guard: bool = True):
+    """One epoch as a host loop of steps: :func:`make_train_epoch` without the ``lax.scan``.
+
+    Running ``begin``, then ``step`` once per row of ``perm``, then ``end`` (each jitted)
+    computes what the scanned epoch computes, up to the order of float operations that XLA
+    picks for a loop body and for a top-level program. :func:`steps_epoch` is that loop.
+
+    Args:
+      model: the model given to :func:`qsparse.wrap.make_plan`.
+      plan: its plan.
+      sched: the schedule.
+      batch_size: examples per step (the remainder of the epoch is dropped).
+      guard: as in :func:`make_train_epoch`.
+
+    Returns:
+      An :class:`EpochSteps`.
+    """
+    step_fn = make_train_step(model, plan, sched, guard=guard)
+
+    def begin(images, key):
+        perm = data.epoch_indices(key, images.shape[0], batch_size)
+        n = perm.shape[0]
+        progress = {
+            "i": jnp.zeros([], jnp.int32),
+            "loss": jnp.zeros([n], jnp.float32),
+            "accuracy": jnp.zeros([n], jnp.float32),
+            "finite": jnp.ones([n], bool),
+        }
+        return perm, progress
+
+    def step(state, progress, perm, images, labels, spec, teacher=None):
+        i = progress["i"]
+        state, m = _gathered_step(step_fn, state, perm[i], images, labels, spec, teacher)
+        progress = {
+            "i": i + 1,
+            "loss": progress["loss"].at[i].set(m["loss"]),
+            "accuracy": progress["accuracy"].at[i].set(m["accuracy"]),
+            "finite": progress["finite"].at[i].set(m["finite"] if guard else True),
+        }
+        return state, progress
+
+    def end(state, progress):
+        # Every step advances the step counter by one: the epoch began this many steps ago.
+        start = state.step - progress["loss"].shape[0]
+        return _epoch_metrics(progress, start, guard)
+
+    return EpochSteps(begin, step, end)
+
+
+def steps_epoch(begin, step, end):
+    """The host loop over an epoch's steps, from (jitted) :class:`EpochSteps` functions.
+
+    Each call only dispatches: the batches are gathered on the device and the metrics stay
+    there, so nothing waits on the host between steps. Works for stacked settings too (the
+    functions of :func:`over_settings`; ``perm`` then has a leading settings axis).
+
+    Args:
+      begin: ``begin(images, key) -> (perm, progress)``.
+      step: ``step(state, progress, perm, images, labels, spec, *rest) -> (state, progress)``.
+      end: ``end(state, progress) -> metrics``.
+
+    Returns:
+      ``epoch(state, images_u8, labels, key, spec, *rest) -> (state, metrics)``, the
+      signature of :func:`make_train_epoch`'s epoch.
+    """
+
+    def epoch(state, images, labels, key, spec, *rest):
+        perm, progress = begin(images, key)
+        for _ in range(perm.shape[-2]):  # (steps, batch), or (settings, steps, batch)
+            state, progress = step(state, progress, perm, images, labels, spec, *rest)
+        return state, end(state, progress)
+
+    return epoch
+
+
+def make_epoch_runner(
+    model, plan: Plan, sched: Schedule, batch_size: int, *, loop: str = "auto", guard: bool = True
+):
+    """A ready-to-call training epoch, in the form :func:`pick_loop` picks.
+
+    Args:
+      model: the model given to :func:`qsparse.wrap.make_plan`.
+      plan: its plan.
+      sched: the schedule.
+      batch_size: examples per step (the remainder of the epoch is dropped).
+      loop: ``"auto"``, ``"scan"`` or ``"steps"`` (see :func:`pick_loop`).
+      guard: as in :func:`make_train_epoch`.
+
+    Returns:
+      ``epoch(state, images_u8, labels, key, spec, teacher=None) -> (state, metrics)``, with
+      the metrics of :func:`make_train_epoch`; do not wrap it in ``jax.jit`` (it is jitted
+      inside, or is a host loop of jitted steps). The state passed in is donated (its
+      buffers are reused for the new state): use the returned one. ``epoch.loop`` says which
+      form runs.
+    """
+    form = pick_loop(plan, loop)
+    if form == "scan":
+        scanned = make_train_epoch(model, plan, sched, batch_size, guard=guard)
+        fn = jax.jit(scanned, donate_argnums=0)
+    else:
+        parts = make_epoch_steps(model, plan, sched, batch_size, guard=guard)
+        fn = steps_epoch(
+            jax.jit(parts.begin), jax.jit(parts.step, donate_argnums=(0, 1)), jax.jit(parts.end)
+        )
+
+    def epoch(state, images, labels, key, spec, teacher=None):
+        return fn(state, images, labels, key, spec, teacher)
+
+    epoch.loop = form
     return epoch
 
 
@@ -368,17 +553,20 @@ def over_settings(fn, mesh, batched: Sequence[bool], vectorize: str = "vmap"):
 
     The batched arguments are split over the mesh axis ``"settings"`` and the others
     replicated (``jax.shard_map``); each device runs its slice with ``jax.vmap`` of ``fn``
-    (one batched program) or ``lax.map`` (one setting after another: the numbers of lone
-    runs). Inside a device the schedule branches (:func:`qsparse.optim.any_setting`) look at
-    that device's settings only, so no step waits on a cross-device reduction, as it would
-    under ``jax.jit`` sharding of one global ``vmap``. On a CPU host with one device per core
+    (one batched program), ``lax.map`` (one setting after another: the numbers of lone
+    runs) or ``"unroll"`` (one setting after another, each a copy of ``fn`` in the program:
+    no loop, for a step whose convolutions a loop body would slow down on a CPU; see
+    :func:`pick_loop`). Inside a device the schedule branches
+    (:func:`qsparse.optim.any_setting`) look at that device's settings only, so no step waits
+    on a cross-device reduction, as it would under ``jax.jit`` sharding of one global
+    ``vmap``. On a CPU host with one device per core
     (``--xla_force_host_platform_device_count``) this runs independent settings on each core.
 
     Args:
       fn: the per-setting function; every output gets the settings axis.
       mesh: a ``jax.sharding.Mesh`` with a ``"settings"`` axis.
       batched: per positional argument, whether it carries the settings axis.
-      vectorize: ``"vmap"`` or ``"map"``.
+      vectorize: ``"vmap"``, ``"map"`` or ``"unroll"``.
 
     Returns:
       The batched function (wrap it in ``jax.jit``); the settings count must divide evenly
@@ -399,8 +587,20 @@ def over_settings(fn, mesh, batched: Sequence[bool], vectorize: str = "vmap"):
                 return fn(*full)
 
             return jax.lax.map(one, tuple(args[i] for i in at))
+    elif vectorize == "unroll":
+        at = [i for i, b in enumerate(batched) if b]
+
+        def local(*args):
+            count = jax.tree.leaves(args[at[0]])[0].shape[0]
+            outs = []
+            for k in range(count):
+                full = list(args)
+                for i in at:
+                    full[i] = jax.tree.map(lambda x, k=k: x[k], args[i])
+                outs.append(fn(*full))
+            return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
     else:
-        raise ValueError(f"vectorize={vectorize!r}: expected 'vmap' or 'map'")
+        raise ValueError(f"vectorize={vectorize!r}: expected 'vmap', 'map' or 'unroll'")
     # check_vma=False: the optimizer's lax.cond branches mix per-setting and constant values,
     # which the varying-axis type check rejects although each device's program only ever
     # touches its own settings.

@@ -31,6 +31,24 @@ the default single JAX device, parts 3 and 5 in a child process with one device 
 5. **Divergence guard**: the sweep's epoch program (8 settings, vmapped) with and without the
    per-step non-finite-loss flag that marks a diverged setting; target: under 2% extra time.
 
+**ResNet step** (``--only resnet``, not in the default parts): qsparse's joint training step of
+``configs/resnet.py`` (ResNet-8 with BatchNorm, 4-bit weights and activations, 2X blocks,
+learned steps and clips) over a plain Flax + optax Adam step of the same
+``qsparse.models.ResNet`` with its batch statistics, batch 128, timed as part 1 times the MLP
+(every phase, the worst the headline) except that on a CPU each timed call is a host loop of
+the jitted step, as experiments.train runs a convolutional model there (XLA:CPU runs
+convolutions far slower inside a ``lax.scan``); target: at most 1.3.
+
+**CNN epoch** (``--only cnn``, not in the default parts): ``configs/lenet.py``'s network
+(LeNet 32/64, 4-bit weights and activations, 2X blocks) measured the way training runs it:
+epochs over the first Fashion-MNIST batches through ``training.make_epoch_runner`` (on a CPU a
+host loop of the jitted step) and through the sweep's chunk program, per setting, against a
+plain Flax + optax loop of a jitted step on the same device-resident data, batch 128 (target:
+at most 1.2); and epochs of ``experiments.train`` against the plain loop's epoch plus its
+test-split evaluation (target: at most 1.3). On a CPU the epochs are a fixed number of steps,
+not the whole 468 (the report says so): two whole epochs of each side would take most of the
+10 minutes.
+
 How it times: every program is jitted and runs many training steps as one ``lax.scan``
 (so Python dispatch is excluded for both sides alike); the first call (compile) is excluded;
 then the programs of one comparison run round-robin for a number of rounds set by the mode,
@@ -344,11 +362,9 @@ class PlainMLP(nn.Module):
         return nn.Dense(self.num_classes)(x)
 
 
-def plain_setup(hidden, sample_x):
-    """Plain FP32 Adam step ``(state, batch) -> (state, metrics)`` and its initial state."""
-    model = PlainMLP(hidden=tuple(hidden))
-    params = model.init(jax.random.key(0), sample_x)["params"]
-    tx = optax.adam(LEARNING_RATE)
+def plain_step(model: nn.Module, tx):
+    """The plain FP32 step ``(state, (x, y)) -> (state, metrics)`` of a params-only model, with
+    the same metrics as qsparse's step, so both sides do the same bookkeeping."""
 
     def step(state, batch):
         params, opt_state = state
@@ -361,12 +377,19 @@ def plain_setup(hidden, sample_x):
 
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        # Same metrics as qsparse's step, so both sides do the same bookkeeping.
         metrics = {"loss": loss, "accuracy": acc, "finite": jnp.isfinite(loss)}
         return (optax.apply_updates(params, updates), opt_state), metrics
 
+    return step
+
+
+def plain_setup(hidden, sample_x):
+    """Plain FP32 Adam step ``(state, batch) -> (state, metrics)`` and its initial state."""
+    model = PlainMLP(hidden=tuple(hidden))
+    params = model.init(jax.random.key(0), sample_x)["params"]
+    tx = optax.adam(LEARNING_RATE)
     n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-    return step, (params, tx.init(params)), n_params
+    return plain_step(model, tx), (params, tx.init(params)), n_params
 
 
 def joint_plan(model: nn.Module, sample_x, *, bf16_grads: bool = True, **overrides):
@@ -870,6 +893,484 @@ def bench_guard(sz: Sizes) -> dict:
     }
 
 
+# --- ResNet step (--only resnet) -------------------------------------------------------------
+
+RESNET_RATIO_TARGET = 1.3  # ResNet's joint step / the plain Flax ResNet step, batch 128
+# Steps per timed call and rounds, per mode. On 2 CPU cores a ResNet-8 step at batch 128 on
+# 28x28 images takes 0.3-0.5 s (as a top-level program; see loop_steps): 2 steps a call, and
+# 21 rounds of the five programs took about 70 s here, within the 75 s budget.
+RESNET_STEPS = {"full": 2, "quick": 1, "gpu": 200}
+RESNET_REPS = {"full": 21, "quick": 3, "gpu": 7}
+
+
+def loop_steps(step: Callable, n: int, plan) -> Callable:
+    """``run(state, batch, *args)``: ``n`` steps on one batch, in the form training runs them.
+
+    The form is :func:`qsparse.training.pick_loop`'s for ``plan``: a host loop of the one
+    jitted step for a convolutional model on the CPU (jax-ml/jax#12868), the dispatch it adds
+    the same on both sides; else :func:`scan_steps`.
+    """
+    if training.pick_loop(plan) == "scan":
+        return scan_steps(step, n)
+    one = jax.jit(step)
+
+    def run(state, batch, *args):
+        for _ in range(n):
+            state, m = one(state, batch, *args)
+        return state, m["loss"]
+
+    run.step = one  # for cost_of: one compiled step
+    return run
+
+
+def resnet_setup(batch: int = 128):
+    """configs/resnet.py's network and plan (its rules: 4-bit weights and activations, 2X
+    blocks, learned steps and clips) with a joint spec, and the plain Flax + optax Adam step
+    of the same ``qsparse.models.ResNet`` with its batch statistics.
+
+    Args:
+      batch: batch size of the synthetic 28x28x1 batch.
+
+    Returns:
+      A dict: ``model``, ``plan``, ``spec``, ``xy`` (the batch), ``plain_step``,
+      ``plain_state`` (``(params, batch_stats, adam state)``), ``params`` (their count),
+      ``config``.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:  # configs/ is a directory of the repository, not a package
+        sys.path.insert(0, root)
+    from configs import resnet as resnet_config
+    from experiments import common
+
+    config = resnet_config.get_config()
+    xy = synthetic_batch(batch)
+    model = common.build_model(config, 10)
+    plan, _ = common.build_plan(config, model, xy[0].shape[1:])
+    spec = training.make_spec(
+        plan.init_spec(),
+        learning_rate=LEARNING_RATE,
+        prox_strength=config.sparsity.prox_strength,
+    )
+    variables = model.init(jax.random.key(0), xy[0][:1], train=False)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    tx = optax.adam(LEARNING_RATE)
+
+    def plain_step(state, batch_):
+        params, batch_stats, opt_state = state
+        x, y = batch_
+
+        def loss_fn(p):
+            logits, new = model.apply(
+                {"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, (jnp.mean(jnp.argmax(logits, -1) == y), new["batch_stats"])
+
+        (loss, (acc, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        # Same metrics as qsparse's step, so both sides do the same bookkeeping.
+        metrics = {"loss": loss, "accuracy": acc, "finite": jnp.isfinite(loss)}
+        return (optax.apply_updates(params, updates), batch_stats, opt_state), metrics
+
+    return {
+        "model": model,
+        "plan": plan,
+        "spec": spec,
+        "xy": xy,
+        "plain_step": plain_step,
+        "plain_state": (params, batch_stats, tx.init(params)),
+        "params": sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params)),
+        "config": config,
+    }
+
+
+def bench_resnet(sz: Sizes) -> dict:
+    """ResNet's joint step against the plain Flax ResNet step, batch 128, every phase.
+
+    The joint step is :func:`qsparse.training.make_train_step` of configs/resnet.py's network
+    and plan (ResNet-8 with BatchNorm; 4-bit weights and activations, 2X blocks, learned LSQ
+    steps and PACT clips, the prox before pruning, masks), the plain step Flax + optax Adam on
+    the same ``qsparse.models.ResNet`` and its batch statistics; both run the same steps on
+    the same batch (:func:`loop_steps`), timed as :func:`step_batch` times the MLP: phases of
+    :data:`STEP_SCHEDULE`, the pruning phase with its mask update amortized, the worst phase
+    the headline.
+    """
+    mode = next(k for k, v in SIZES.items() if v == sz)
+    n, reps, batch = RESNET_STEPS[mode], RESNET_REPS[mode], 128
+    sched = STEP_SCHEDULE
+    timed = dataclasses.replace(sched, prune_every=max(sched.prune_every, n + 1))
+    su = resnet_setup(batch)
+    model, plan, spec, xy = su["model"], su["plan"], su["spec"], su["xy"]
+    p_run = loop_steps(su["plain_step"], n, plan)
+    p_state = su["plain_state"]
+    j_state = training.init_state(model, plan, timed, spec, jax.random.key(0), xy[0][:1])
+    j_run = loop_steps(training.make_train_step(model, plan, timed), n, plan)
+    # One step's cost (a scan's analysis counts its body once: one step too).
+    cost = {
+        "plain": cost_of(getattr(p_run, "step", p_run), p_state, xy),
+        "joint": cost_of(getattr(j_run, "step", j_run), j_state, xy, spec),
+    }
+    states = phase_states(j_state, sched)
+    programs = {"plain": lambda: p_run(p_state, xy)}
+    for name, st in states.items():
+        programs[name] = lambda st=st: j_run(st, xy, spec)
+    e_run = loop_steps(
+        training.make_train_step(model, plan, dataclasses.replace(timed, prune_every=1)), n, plan
+    )
+    programs["prune, update every step"] = lambda: e_run(states["prune"], xy, spec)
+    t = race(programs, reps, tag="resnet/", min_reps=sz.min_reps, budget_s=sz.budget_s)
+    upd = [(e - a) / n for e, a in zip(t["prune, update every step"], t["prune"])]
+    t["prune"] = [a + u * n / sched.prune_every for a, u in zip(t["prune"], upd)]
+    phases = ("prox", "prune", "finetune")
+    ratios = {k: paired_ratio(t[k], t["plain"]) for k in phases}
+    worst = max(ratios, key=ratios.get)
+    c = su["config"]
+    return {
+        "model": f"resnet-{c.model.depth} {tuple(c.model.channels)}",
+        "setting": f"w{c.quant.w_bits}/a{c.quant.a_bits} {c.sparsity.compression:g}x blocks",
+        "batch": batch,
+        "steps_per_call": n,
+        "rounds": len(t["plain"]),
+        "params": su["params"],
+        "ms_per_step": {k: 1e3 * med(t[k]) / n for k in ("plain", *phases)},
+        "mask_update_ms": 1e3 * med(upd),
+        "ratio": ratios,
+        "ratio_best": {k: best_ratio(t[k], t["plain"]) for k in phases},
+        "worst_phase": worst,
+        "worst_ratio": ratios[worst],
+        "cost_plain": cost["plain"],
+        "cost_joint": cost["joint"],
+        "loop": "host" if hasattr(j_run, "step") else "scan",
+        "compiles": {
+            "plain": compiles(getattr(p_run, "step", p_run)),
+            "joint": compiles(getattr(j_run, "step", j_run)),
+        },
+    }
+
+
+def report_resnet(rn: dict) -> list[dict]:
+    """Prints the ResNet step comparison; returns its target row."""
+    ms, r, rb = rn["ms_per_step"], rn["ratio"], rn["ratio_best"]
+    print(
+        f"\nResNet step (--only resnet): configs/resnet.py, {rn['model']}, {rn['params']}"
+        f" params, {rn['setting']}, batch {rn['batch']}, {rn['steps_per_call']} steps per call"
+        f" ({rn['loop']} loop)"
+    )
+    print(
+        f"   {rn['rounds']} rounds; ms/step: plain {ms['plain']:.1f} | prox {ms['prox']:.1f}"
+        f" | prune* {ms['prune']:.1f} | finetune {ms['finetune']:.1f}"
+        f" | mask update {rn['mask_update_ms']:.1f} ms"
+    )
+    print(
+        "   ratio prox/prune/finetune: median (best-of) "
+        + " / ".join(f"{r[k]:.2f} ({rb[k]:.2f})" for k in ("prox", "prune", "finetune"))
+    )
+    cp, cj = rn["cost_plain"], rn["cost_joint"]
+    if cp and cj:
+        print(
+            f"   XLA cost of one step: plain {cp['bytes'] / 1e6:.1f} MB {cp['flops'] / 1e9:.2f}"
+            f" GFLOP | joint {cj['bytes'] / 1e6:.1f} MB {cj['flops'] / 1e9:.2f} GFLOP"
+        )
+    return [
+        {
+            "name": f"ResNet's joint step / the plain Flax ResNet step, batch {rn['batch']}"
+            f" (worst: {rn['worst_phase']})",
+            "value": rn["worst_ratio"],
+            "best": max(rb.values()),
+            "target": RESNET_RATIO_TARGET,
+            "op": "<=",
+        }
+    ]
+
+
+# --- CNN epoch (--only cnn) ------------------------------------------------------------------
+
+CNN_RATIO_TARGET = 1.2  # configs/lenet.py's network: qsparse's training loop / plain step loop
+CNN_TRAIN_TARGET = 1.3  # an experiments.train epoch of configs/lenet.py / the plain loop's
+# The settings (w_bits, a_bits, compression) of the sweep's chunk: configs/lenet.py's first.
+CNN_SWEEP_SETTINGS = ((4, 4, 2), (2, 2, 4), (8, 8, 2), (4, 2, 4))
+# Per mode: steps of each timed epoch of the loop comparison (None: the whole split), its
+# rounds and the settings of the sweep's chunk; steps per epoch of the experiments.train
+# comparison (None: the whole split) and its epochs (the first compiles). On 2 CPU cores a
+# LeNet 32/64 step at batch 128 takes 0.15-0.25 s, so two whole Fashion-MNIST epochs (468
+# steps) of experiments.train and two of the plain loop would take most of the bench's 10
+# minutes: the CPU modes time a fixed number of steps per epoch, and the report says so.
+CNN_SIZES = {
+    "full": {"steps": 8, "reps": 9, "settings": 2, "train_steps": 48, "train_epochs": 3},
+    "quick": {"steps": 4, "reps": 3, "settings": 2, "train_steps": 12, "train_epochs": 2},
+    "gpu": {"steps": None, "reps": 5, "settings": 4, "train_steps": None, "train_epochs": 3},
+}
+
+
+def fashion_mnist() -> tuple[qdata.Dataset, str]:
+    """Fashion-MNIST, or synthetic data of its shape and a note saying so."""
+    try:
+        return qdata.load("fashion_mnist"), ""
+    except (FileNotFoundError, ModuleNotFoundError, OSError) as e:
+        note = f"fashion_mnist unavailable ({type(e).__name__}): synthetic data used"
+        return qdata.load("synthetic", synthetic_size=(60000, 10000)), note
+
+
+def first_batches(ds: qdata.Dataset, steps: int | None, batch: int) -> qdata.Dataset:
+    """``ds`` with its training split cut to its first ``steps`` batches (None: all of it)."""
+    if steps is None:
+        return ds
+    n = steps * batch
+    return dataclasses.replace(ds, train_x=ds.train_x[:n], train_y=ds.train_y[:n])
+
+
+def plain_cnn(model: nn.Module, sample_x, batch: int = 128) -> dict:
+    """The reference training loop in plain Flax + optax, as one writes it for a CNN on a CPU.
+
+    A jitted Adam FP32 step that gathers its batch from the device-resident uint8 images
+    (state donated), stepped from the host over a jitted shuffle of the epoch; a jitted
+    evaluation batch, looped over the test split.
+
+    Returns:
+      A dict: ``state`` (params, Adam state), ``epoch(state, images, labels, key) -> (state,
+      per-step metrics)``, ``evaluate(params, images, labels) -> accuracy``.
+    """
+    import functools
+
+    params = model.init(jax.random.key(0), sample_x)["params"]
+    tx = optax.adam(LEARNING_RATE)
+
+    one = plain_step(model, tx)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state, images, labels, idx):
+        return one(state, (images[idx].astype(jnp.float32) / 255.0, labels[idx]))
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def shuffle(key, n):
+        return jax.random.permutation(key, n)[: n // batch * batch].reshape(-1, batch)
+
+    def epoch(state, images, labels, key):
+        order = shuffle(key, images.shape[0])
+        ms = []
+        for i in range(order.shape[0]):
+            state, m = step(state, images, labels, order[i])
+            ms.append(m)
+        return state, ms
+
+    @jax.jit
+    def correct(params, x, y):
+        logits = model.apply({"params": params}, x.astype(jnp.float32) / 255.0)
+        return jnp.sum(jnp.argmax(logits, -1) == y)
+
+    def evaluate(params, images, labels, size=1000):
+        n = images.shape[0]
+        hits = [
+            correct(params, images[i : i + size], labels[i : i + size]) for i in range(0, n, size)
+        ]
+        return sum(hits) / n
+
+    return {"state": (params, tx.init(params)), "epoch": epoch, "evaluate": evaluate}
+
+
+def bench_cnn(sz: Sizes) -> dict:
+    """configs/lenet.py's network through qsparse's training loop against a plain Flax loop.
+
+    1. Loop: epochs of :data:`CNN_SIZES` steps over the first Fashion-MNIST batches, through
+       :func:`qsparse.training.make_epoch_runner` (the form training picks: on a CPU a host
+       loop of the jitted step) and through the sweep's chunk program
+       (``experiments.sweep.make_program``, per setting, ``map`` and ``vmap``), against the
+       plain loop of :func:`plain_cnn`; batch 128, device-resident data, qsparse's states
+       placed at the start of the pruning phase of the config's schedule.
+    2. experiments.train: epochs of configs/lenet.py through ``train_and_evaluate`` (the
+       epoch time it measures: the epoch, the test-split evaluation, fetching the metrics)
+       against the plain loop's epochs plus their evaluation of the test split, timed before
+       and after it; the first epoch of each (compiling) is left out.
+    """
+    import contextlib
+    import io
+    import tempfile
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if root not in sys.path:  # configs/ is a directory of the repository, not a package
+        sys.path.insert(0, root)
+    from configs import lenet
+    from experiments import common, sweep
+    from experiments import train as train_mod
+
+    mode = next(k for k, v in SIZES.items() if v == sz)
+    cs = CNN_SIZES[mode]
+    ds, note = fashion_mnist()
+    config = lenet.get_config()
+    batch = config.batch_size
+    run = common.build_run(config, ds)  # the whole split's schedule, as training runs it
+    part = first_batches(ds, cs["steps"], batch)
+    images, labels = jax.device_put((part.train_x, part.train_y))
+    steps = len(part.train_y) // batch
+    keys = iter(jax.random.split(jax.random.key(1), 100000))
+    at = run.sched.prune_begin
+
+    # 1. The loop: qsparse's epoch, the sweep's per-setting loop, the plain loop.
+    spec = common.make_spec(run)
+    ours = training.make_epoch_runner(run.model, run.plan, run.sched, batch)
+    plain = plain_cnn(run.model, qdata.normalize(images[:1]), batch)
+    n_set = cs["settings"]
+    values = CNN_SWEEP_SETTINGS[:n_set]
+    mesh = Mesh(np.array(jax.devices()[:1]), ("settings",))
+    per, rep = NamedSharding(mesh, P("settings")), NamedSharding(mesh, P())
+    spec_list = [common.make_spec(run, w_bits=w, a_bits=a, compression=c) for w, a, c in values]
+    progs = {v: sweep.make_program(run, ("lenet",), mesh, v) for v in ("map", "vmap")}
+
+    def chunk_state():  # fresh arrays per program: each donates its own
+        states = [at_step(common.init_state(run, sp, i), at) for i, sp in enumerate(spec_list)]
+        return jax.device_put(sweep.stack(states), per)
+
+    box = {"qsparse": at_step(common.init_state(run, spec, 0), at), "plain": plain["state"]}
+    box.update({f"sweep {v}": chunk_state() for v in progs})
+    specs = jax.device_put(sweep.stack(spec_list), per)
+    images_r, labels_r = jax.device_put((images, labels), rep)
+
+    def run_ours():
+        box["qsparse"], m = ours(box["qsparse"], images, labels, next(keys), spec)
+        return box["qsparse"], m
+
+    def run_plain():
+        box["plain"], ms = plain["epoch"](box["plain"], images, labels, next(keys))
+        return box["plain"], ms
+
+    def run_chunk(v):
+        k = jax.device_put(jax.random.split(next(keys), n_set), per)
+        name = f"sweep {v}"
+        box[name], m = progs[v].epoch(box[name], images_r, labels_r, k, specs)
+        return box[name], m
+
+    programs = {"plain": run_plain, "qsparse": run_ours}
+    programs.update({f"sweep {v}": (lambda v=v: run_chunk(v)) for v in progs})
+    t = race(programs, cs["reps"], tag="cnn/", min_reps=min(5, cs["reps"]), budget_s=sz.budget_s)
+    per_step = {k: [s / steps for s in v] for k, v in t.items()}
+    for v in progs:
+        per_step[f"sweep {v}"] = [s / n_set for s in per_step[f"sweep {v}"]]
+    ratio = {k: paired_ratio(per_step[k], per_step["plain"]) for k in programs if k != "plain"}
+    best = {k: best_ratio(per_step[k], per_step["plain"]) for k in ratio}
+
+    # 2. experiments.train against the plain loop, epochs over the first train_steps batches.
+    tpart = first_batches(ds, cs["train_steps"], batch)
+    epochs = cs["train_epochs"]
+    tx_, ty_ = jax.device_put((tpart.train_x, tpart.train_y))
+    vx, vy = jax.device_put((ds.test_x, ds.test_y))
+    box["plain epoch"] = plain_cnn(run.model, qdata.normalize(tx_[:1]), batch)["state"]  # fresh
+
+    def plain_epochs(count):
+        """Epochs of the plain loop, each its steps, its test accuracy and its metrics fetched
+        (as experiments.train times an epoch): ``(seconds, of which evaluating)`` each."""
+        out = []
+        for _ in range(count):
+            t0 = time.perf_counter()
+            box["plain epoch"], ms = plain["epoch"](box["plain epoch"], tx_, ty_, next(keys))
+            jax.block_until_ready((box["plain epoch"], ms))
+            t1 = time.perf_counter()
+            jax.device_get((ms, plain["evaluate"](box["plain epoch"][0], vx, vy)))
+            out.append((time.perf_counter() - t0, time.perf_counter() - t1))
+        return out
+
+    c = lenet.get_config()
+    c.num_epochs = epochs
+    c.sparsity.prune_begin_epoch, c.sparsity.prune_end_epoch = 1, max(1, epochs - 1)
+    # The plain loop's epochs before and after experiments.train's (its first compiles), so
+    # that a drift in the machine's load weighs on both sides.
+    plain_s = plain_epochs(epochs)[1:]
+    with tempfile.TemporaryDirectory() as d, contextlib.redirect_stdout(io.StringIO()):
+        res = train_mod.train_and_evaluate(c, os.path.join(d, "lenet"), dataset=tpart)
+    plain_s += plain_epochs(epochs - 1)
+    train_steps = len(tpart.train_y) // batch
+    train_s = [train_steps / row["steps_per_second"] for row in res["history"]][1:]
+    return {
+        "model": f"lenet {tuple(config.model.channels)} dense {tuple(config.model.hidden)}",
+        "setting": f"w{config.quant.w_bits}/a{config.quant.a_bits}"
+        f" {config.sparsity.compression:g}x blocks",
+        "dataset": ds.name,
+        "note": note,
+        "backend": jax.default_backend(),
+        "batch": batch,
+        "loop": ours.loop,
+        "steps_per_epoch": steps,
+        "full_epoch_steps": len(ds.train_y) // batch,
+        "rounds": len(t["plain"]),
+        "sweep_settings": [list(v) for v in values],
+        "ms_per_step": {k: 1e3 * med(v) for k, v in per_step.items()},
+        "ratio": ratio,
+        "ratio_best": best,
+        "train": {
+            "steps_per_epoch": train_steps,
+            "epochs": epochs,
+            "plain_s": [a for a, _ in plain_s],
+            "plain_eval_s": [b for _, b in plain_s],
+            "train_s": train_s,
+            "ratio": med(train_s) / med([a for a, _ in plain_s]),
+            "ratio_best": min(train_s) / min(a for a, _ in plain_s),
+            "test_accuracy": res["test_accuracy"],
+        },
+    }
+
+
+def report_cnn(cn: dict) -> list[dict]:
+    """Prints the CNN comparison; returns its target rows."""
+    ms, r, rb, tr = cn["ms_per_step"], cn["ratio"], cn["ratio_best"], cn["train"]
+    full = cn["full_epoch_steps"]
+    print(
+        f"\nCNN (--only cnn): configs/lenet.py, {cn['model']}, {cn['setting']}, {cn['dataset']},"
+        f" batch {cn['batch']}; qsparse's epoch runs as a {cn['loop']} loop"
+        + (f"  NOTE: {cn['note']}" if cn["note"] else "")
+    )
+    cut = "" if cn["steps_per_epoch"] == full else f" (a fixed {cn['steps_per_epoch']} of {full})"
+    print(
+        f"   epochs of {cn['steps_per_epoch']} steps{cut}, {cn['rounds']} rounds; ms per step"
+        f" (sweep: per setting-step, chunk of {len(cn['sweep_settings'])}): "
+        + " | ".join(f"{k} {v:.1f}" for k, v in ms.items())
+    )
+    print(
+        "   ratio to plain: median (best-of) "
+        + " | ".join(f"{k} {r[k]:.2f} ({rb[k]:.2f})" for k in r)
+    )
+    tfull = tr["steps_per_epoch"] == full
+    print(
+        f"   experiments.train epoch (epoch + test evaluation) of {tr['steps_per_epoch']} steps"
+        + ("" if tfull else f" (a fixed number of steps, not the whole {full}-step epoch)")
+        + ": "
+        + " / ".join(f"{s:.2f}" for s in tr["train_s"])
+        + " s | plain (before and after) "
+        + " / ".join(f"{s:.2f}" for s in tr["plain_s"])
+        + " s, of which evaluating "
+        + " / ".join(f"{s:.2f}" for s in tr["plain_eval_s"])
+        + f" s | ratio {tr['ratio']:.2f} (best-of {tr['ratio_best']:.2f})"
+    )
+    if cn.get("backend") == "cpu":
+        print(
+            f"   the sweep's loop with vectorize='vmap' ({r['sweep vmap']:.2f} per setting, a"
+            " reference, not a target) batches each convolution over the settings (a grouped"
+            " convolution); on a CPU 'map' runs them one after another, each a plain one"
+        )
+    what = "" if tfull else f" ({tr['steps_per_epoch']} steps)"
+    return [
+        {
+            "name": "CNN: qsparse's epoch / the plain loop's, per step",
+            "value": r["qsparse"],
+            "best": rb["qsparse"],
+            "target": CNN_RATIO_TARGET,
+            "op": "<=",
+        },
+        {
+            "name": "CNN: the sweep's loop (map) per setting / the plain loop",
+            "value": r["sweep map"],
+            "best": rb["sweep map"],
+            "target": CNN_RATIO_TARGET,
+            "op": "<=",
+        },
+        {
+            "name": f"CNN: an experiments.train epoch{what} / the plain loop's",
+            "value": tr["ratio"],
+            "best": tr["ratio_best"],
+            "target": CNN_TRAIN_TARGET,
+            "op": "<=",
+        },
+    ]
+
+
 # --- report ----------------------------------------------------------------------------------
 
 
@@ -1062,6 +1563,11 @@ def report(res: dict) -> list[dict]:
             | {"target": 0.02, "op": "<=", "best": gd["overhead_best"]}
         )
 
+    if res.get("resnet"):
+        targets += report_resnet(res["resnet"])
+    if res.get("cnn"):
+        targets += report_cnn(res["cnn"])
+
     print("\ntargets (CPU targets)" if res["machine"]["backend"] != "cpu" else "\ntargets")
     for t in targets:
         t["status"] = verdict(t["value"], t["target"], t["op"] == ">=", t.get("best"))
@@ -1076,6 +1582,8 @@ PARTS: dict[str, Callable[[Sizes], dict]] = {
     "sweep": bench_sweep,
     "input": bench_input,
     "guard": bench_guard,
+    "resnet": bench_resnet,  # not in --only's default: ask for it
+    "cnn": bench_cnn,  # not in --only's default either
 }
 # The parts whose programs split settings over the devices: on a CPU host they run in a child
 # process with one device per core (see MULTI_DEVICE_FLAG).
@@ -1125,7 +1633,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="steps,sweep,input,guard",
-        help="comma-separated parts to run: steps (1 and 2), sweep (3), input (4), guard (5)",
+        help="comma-separated parts to run: steps (1 and 2), sweep (3), input (4), guard (5),"
+        " resnet (the ResNet step; not run by default), cnn (the LeNet epoch; not run by"
+        " default)",
     )
     # Internal: the child process of the multi-device parts, which prints no report.
     parser.add_argument(MULTI_DEVICE_FLAG, action="store_true", help=argparse.SUPPRESS)

@@ -175,6 +175,60 @@ def test_load_setting_gives_reported_accuracy(mapped):
         )
 
 
+def lenet_config(**over):
+    """tiny_config with a tiny LeNet (channels 8, 16; Dense 32): w {4, 32} x a {4, 32} at 2X,
+    in two chunks of 2 (conv kernels 25x8 in blocks of 5x8, then 200x16, 64x32 in 8x8)."""
+    c = {
+        "model.name": "lenet",
+        "model.channels": (8, 16),
+        "model.hidden": (32,),
+        "sparsity.first_block_shape": (5, 8),
+        "learning_rate": 1e-2,
+        "quant.scale_mode": "max",  # a max, not a sum: keeps 4-bit trajectories closer
+        "sweep.w_bits": [4, 32],
+        "sweep.a_bits": [4, 32],
+        "sweep.compression": [2.0],
+        "sweep.chunk_size": 2,
+    }
+    return tiny_config(**{**c, **over})
+
+
+def test_conv_sweep_steps_every_setting_and_matches_scan(tmp_path):
+    """A conv model on the CPU: a host loop of one program stepping both settings of a chunk
+    (no convolution inside a loop). Each setting gets its lone run's numbers bit for bit, and
+    the scanned epoch's (under lax.map) up to the order of float sums."""
+    config = lenet_config()
+    rows, traces = run_counted(config, tmp_path / "steps", fresh=True)  # loop="auto"
+    assert {p.loop for p in sweep._PROGRAMS.values()} == {"steps"}
+    shape = ("lenet", (32,), (8, 16))
+    assert traces == {("epoch", shape): 1, ("eval", shape): 1}  # two chunks, one program
+    assert [r["chunk"] for r in rows] == [0, 0, 1, 1]
+    lone = train_and_evaluate(
+        sweep.setting_config(config, sweep.enumerate_settings(config)[0]), tmp_path / "lone"
+    )
+    assert (rows[0]["w_bits"], rows[0]["a_bits"]) == (lone["w_bits"], lone["a_bits"]) == (4, 4)
+    assert rows[0]["test_accuracy"] == pytest.approx(lone["test_accuracy"], abs=1e-4)
+    for k in MEMORY:
+        assert rows[0][k] == lone[k], k
+    scanned, _ = run_counted(config, tmp_path / "scan", loop="scan")
+    assert {p.loop for p in sweep._PROGRAMS.values()} == {"steps", "scan"}
+    for r, ref in zip(rows, scanned):
+        assert (r["w_bits"], r["a_bits"]) == (ref["w_bits"], ref["a_bits"])
+        assert not r["diverged"] and r["steps"] == 4 * (1437 // 64)
+        assert r["test_accuracy"] > 0.6 and r["train_loss"] < 1.5  # chance: 0.1 and 2.3
+        assert r["block_sparsity"] == pytest.approx(0.5, abs=0.02)
+        # The float setting agrees to float tolerance; a 4-bit quantizer turns last-bit
+        # differences of the step's sums into other codes, and those trajectories then differ
+        # like runs of different seeds (see test_vmap_equals_separate_runs).
+        chaotic = min(r["w_bits"], r["a_bits"]) <= 4
+        assert r["test_accuracy"] == pytest.approx(
+            ref["test_accuracy"], abs=0.1 if chaotic else 1e-4
+        )
+        for k in MEMORY:
+            if not chaotic or k in ("num_params", "steps", "fp32_weight_memory_bits"):
+                assert r[k] == ref[k], k
+
+
 def test_killed_sweep_resumes_to_same_results(mapped, tmp_path, monkeypatch):
     _, rows, _ = mapped
     config = tiny_config()

@@ -83,3 +83,95 @@ def test_bad_vectorize_is_refused():
     mesh = Mesh(np.array(jax.devices()[:1]), ("settings",))
     with pytest.raises(ValueError, match="vectorize='pmap'"):
         training.over_settings(lambda x: x, mesh, (True,), "pmap")
+
+
+def _loop_setup(conv: bool):
+    """A tiny LeNet or MLP on random 8x8 uint8 images: blocks pruned 2X, distillation on."""
+    import jax
+    import jax.numpy as jnp
+
+    from qsparse import models, training, wrap
+
+    kx, ky, kt = jax.random.split(jax.random.key(0), 3)
+    images = jax.random.randint(kx, (96, 8, 8, 1), 0, 256).astype(jnp.uint8)
+    labels = jax.random.randint(ky, (96,), 0, 10)
+    teacher = jax.random.normal(kt, (96, 10))
+    if conv:  # kernels 25x4, 100x8 (blocks 5x2), then Dense 32x16, 16x10 (blocks 4x2)
+        model = models.LeNet(channels=(4, 8), hidden=16)
+        rules = [wrap.Rule(pattern="Conv.*", compression=2, block_shape=(5, 2))]
+    else:
+        model = models.MLP(hidden=(32,))
+        rules = []
+    rules.append(wrap.Rule(pattern=".*", compression=2, block_shape=(4, 2)))
+    plan = wrap.make_plan(model, rules, jnp.zeros((1, 8, 8, 1)))
+    sched = training.Schedule(
+        total_steps=18, prune_begin=4, prune_end=12, prune_every=2, distill_weight=0.5
+    )
+    return model, plan, sched, (images, labels, teacher)
+
+
+@pytest.mark.parametrize("conv", [True, False], ids=["lenet", "mlp"])
+def test_steps_loop_equals_scanned_epoch(conv):
+    """The host loop of steps computes the scanned epoch: same metrics, same state."""
+    import jax
+
+    from qsparse import training
+
+    model, plan, sched, (images, labels, teacher) = _loop_setup(conv)
+    spec = training.make_spec(plan.init_spec(), learning_rate=3e-3, prox_strength=1e-3)
+    out = {}
+    for loop in ("scan", "steps"):
+        epoch = training.make_epoch_runner(model, plan, sched, 16, loop=loop)
+        assert epoch.loop == loop
+        state = training.init_state(model, plan, sched, spec, jax.random.key(1), images[:1] / 255)
+        history = []
+        for e in range(3):  # 6 steps an epoch: prox, pruning, fine-tuning
+            state, m = epoch(state, images, labels, jax.random.key(10 + e), spec, teacher)
+            history.append(jax.device_get(m))
+        out[loop] = history, jax.device_get(state)
+    (h_scan, s_scan), (h_steps, s_steps) = out["scan"], out["steps"]
+    for a, b in zip(h_steps, h_scan):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["accuracy"], b["accuracy"], rtol=1e-6)
+        assert a["all_finite"] and a["first_nonfinite_step"] == b["first_nonfinite_step"] == -1
+    assert int(s_steps.step) == int(s_scan.step) == 18
+    assert jax.tree.structure(s_steps) == jax.tree.structure(s_scan)
+    for a, b in zip(jax.tree.leaves(s_steps), jax.tree.leaves(s_scan)):
+        np.testing.assert_allclose(np.asarray(a, float), np.asarray(b, float), rtol=1e-4, atol=1e-6)
+    masks = [jax.tree.leaves(training.masks_of(s)) for s in (s_steps, s_scan)]
+    for a, b in zip(*masks):  # the same blocks pruned
+        np.testing.assert_array_equal(a, b)
+    assert 0.4 < 1 - np.mean(np.concatenate([m.ravel() for m in masks[0]])) < 0.6
+
+
+def test_steps_loop_reports_the_first_nonfinite_step():
+    import jax
+
+    from qsparse import training
+
+    model, plan, sched, (images, labels, _) = _loop_setup(conv=False)
+    spec = training.make_spec(plan.init_spec(), learning_rate=1e30)
+    got = []
+    for loop in ("scan", "steps"):
+        epoch = training.make_epoch_runner(model, plan, sched, 16, loop=loop)
+        state = training.init_state(model, plan, sched, spec, jax.random.key(1), images[:1] / 255)
+        state, _ = epoch(state, images, labels, jax.random.key(3), spec)
+        _, m = epoch(state, images, labels, jax.random.key(4), spec)
+        got.append((bool(m["all_finite"]), int(m["first_nonfinite_step"])))
+    assert got[0] == got[1] and not got[0][0] and got[0][1] >= 6  # counted from step 0
+
+
+def test_loop_choice():
+    from qsparse import training
+
+    conv = _loop_setup(conv=True)[1]
+    mlp = _loop_setup(conv=False)[1]
+    assert training.has_conv(conv) and not training.has_conv(mlp)
+    assert training.pick_loop(conv, "auto", backend="cpu") == "steps"
+    assert training.pick_loop(mlp, "auto", backend="cpu") == "scan"
+    for backend in ("gpu", "tpu"):
+        assert training.pick_loop(conv, "auto", backend=backend) == "scan"
+    assert training.pick_loop(mlp, "steps") == "steps"
+    assert training.pick_loop(conv, "scan") == "scan"
+    with pytest.raises(ValueError, match="loop='while'"):
+        training.pick_loop(mlp, "while")
