@@ -48,7 +48,7 @@ import numpy as np
 
 from qsparse import memory as mem
 from qsparse import models, quant
-from qsparse.wrap import Plan, module_path
+from qsparse.wrap import Plan, get_path, module_path
 
 MAGIC = b"\x89QSPARSE"
 VERSION = 1
@@ -400,12 +400,6 @@ def _infer_input_shape(plan: Plan) -> tuple[int, ...]:
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
 def _blocks(mat: np.ndarray, bm: int, bn: int) -> np.ndarray:
     """``(R*C, bm, bn)`` blocks of a matrix in row-major block order."""
     m, n = mat.shape
@@ -496,7 +490,7 @@ def _quantizer(plan: Plan):
             r = lp.rule
             if r.scale_mode != "learned":
                 steps[name] = quant.weight_step(
-                    _get(params, lp.path),
+                    get_path(params, lp.path),
                     spec[name]["w_bits"],
                     per_channel=r.per_channel,
                     scale_mode=r.scale_mode,
@@ -768,7 +762,7 @@ def save(
         quant.check_bits(a_raw, f"{name}.a_bits")
         w_bits, a_bits = min(int(w_raw), FULL), min(int(a_raw), FULL)
         arrays, fields = _encode_weight(
-            payload, lp, _get(qtree, lp.path), w_bits, qparams, quantized["steps"]
+            payload, lp, get_path(qtree, lp.path), w_bits, qparams, quantized["steps"]
         )
         kept, grid, index = fields["kept_blocks"], fields["block_grid"], fields["index"]
         if _has_bias(plan, lp):
@@ -776,7 +770,7 @@ def save(
                 f"{name}/bias",
                 name,
                 "bias",
-                np.asarray(_get(params, (*lp.path[:-1], "bias")), np.float32),
+                np.asarray(get_path(params, (*lp.path[:-1], "bias")), np.float32),
                 "float32 biases",
             )
         act_q = nxt is not None and nxt.act_quantized and not nxt.a_signed and a_bits < FULL
@@ -877,7 +871,7 @@ def _save_model(path, plan: Plan, params, qparams, layer_spec, model_state, inpu
         w_bits = min(int(_scalar(layer_spec[name]["w_bits"])), FULL)
         a_bits = min(int(_scalar(layer_spec[name]["a_bits"])), FULL)
         arrays, fields = _encode_weight(
-            payload, lp, _get(qtree, lp.path), w_bits, qparams, quantized["steps"]
+            payload, lp, get_path(qtree, lp.path), w_bits, qparams, quantized["steps"]
         )
         act_q = lp.act_quantized and a_bits < FULL
         if act_q:
@@ -911,8 +905,8 @@ def _save_model(path, plan: Plan, params, qparams, layer_spec, model_state, inpu
     covered = {lp.path for lp in plan.layers.values()}
     tensors = []
     state = model_state or {}
-    leaves = [("params", p, _get(params, p)) for p in plan.params_shapes if p not in covered]
-    leaves += [(p[0], p[1:], _get(state, p)) for p in plan.state_shapes]
+    leaves = [("params", p, get_path(params, p)) for p in plan.params_shapes if p not in covered]
+    leaves += [(p[0], p[1:], get_path(state, p)) for p in plan.state_shapes]
     for collection, p, value in leaves:
         a = np.asarray(value)
         dtype = str(a.dtype)

@@ -143,14 +143,9 @@ def trace(fn: Callable, params, *args) -> Trace:
     hidden: set[int] = set()
     n = len(p_leaves)
     _scan_hidden(
-        closed.jaxpr, [i if i < n else None for i in range(len(leaves_in(closed)))], hidden
+        closed.jaxpr, [i if i < n else None for i in range(len(closed.jaxpr.invars))], hidden
     )
     return Trace(closed, n, out_tree, frozenset(hidden))
-
-
-def leaves_in(closed) -> list:
-    """The input variables of a closed jaxpr."""
-    return list(closed.jaxpr.invars)
 
 
 def _inner(eqn):

@@ -188,14 +188,6 @@ def module_path(module: nn.Module) -> str:
     return "/".join(str(p) for p in module.path)
 
 
-def _concrete(x) -> float | None:
-    """``x`` as a Python float, or None when it is traced (inside ``jit`` or ``vmap``)."""
-    try:
-        return float(x)
-    except (TypeError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def get_path(tree, path):
     """The subtree of nested mapping ``tree`` at ``path`` (a tuple of keys).
 
