@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates the virtual environment (default .venv, or $QSPARSE_VENV) and installs qsparse with
-# its test extras. Idempotent: reinstalls only when setup.cfg changed. Source it or run it.
+# its experiment and test extras. Idempotent: reinstalls only when setup.cfg changed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${QSPARSE_VENV:-$ROOT/.venv}"
@@ -24,6 +24,6 @@ WANT="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   echo "[setup] installing qsparse and its dependencies into $VENV (about a minute)"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[test]"
+  "$VENV/bin/python" -m pip install -q -e "$ROOT[experiments,test]"
   echo "$WANT" > "$STAMP"
 fi
