@@ -269,119 +269,23 @@ def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
             f" num_examples={num_examples}"
         )
     steps = num_examples // batch_size
-    perm = index_permutation(key, num_examples)[: steps * batch_size]
-    return perm.reshape(steps, batch_size)
+    perm = jax.random.permutation(key, num_examples)[: steps * batch_size]
+    return perm.astype(jnp.int32).reshape(steps, batch_size)
 
 
-_ROUNDS = 16
-
-
-def _mix32(x: jax.Array) -> jax.Array:
-    """MurmurHash3's 32-bit finalizer: a fast avalanche hash of uint32 values."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = x * jnp.uint32(0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def index_permutation(key: jax.Array, n: int) -> jax.Array:
-    """A pseudo-random permutation of ``0 .. n-1`` without sorting.
-
-    Each index is encrypted by a keyed Feistel network on the smallest ``2**(2h) >= n``
-    (16 rounds of a MurmurHash3-finalizer round function, round keys drawn from ``key``)
-    and cycle-walked back into range, the construction of TensorFlow's
-    ``random_index_shuffle`` and Grain's global shuffle. It is O(n) elementwise work: about
-    1 ms for 60,000 indices on a CPU, where a sort by random keys takes 16 ms, 5% of a small
-    model's epoch.
-
-    Args:
-      key: a `jax.random.key`; the same key gives the same permutation.
-      n: number of indices (static), >= 1.
-
-    Returns:
-      int32 array of shape `(n,)` holding every index once.
-    """
-    half = max(1, ((n - 1).bit_length() + 1) // 2)
-    low = jnp.uint32((1 << half) - 1)
-    round_keys = jax.random.bits(key, (_ROUNDS,), jnp.uint32)
-
-    def encrypt(x):
-        left, right = x >> half, x & low
-        for r in range(_ROUNDS):
-            left, right = right, left ^ (_mix32(right ^ round_keys[r]) & low)
-        return (left << half) | right
-
-    # A bijection of [0, 4**half) restricted to [0, n): re-encrypt until in range. Less than
-    # 3/4 of the domain lies out of range (8% for n = 60,000), so a few passes finish.
-    y = encrypt(jnp.arange(n, dtype=jnp.uint32))
-    y = jax.lax.while_loop(lambda y: jnp.any(y >= n), lambda y: jnp.where(y >= n, encrypt(y), y), y)
-    return y.astype(jnp.int32)
-
-
-def _line_offsets(row: int) -> np.ndarray:
-    """Byte offsets into a row of ``row`` bytes that fall in every 64-byte cache line the row
-    spans, wherever it starts: every 64th byte and the last one."""
-    return np.minimum(np.arange(0, row + 63, 64), row - 1)
-
-
-def _touch_rows(flat: jax.Array, idx: jax.Array) -> jax.Array:
-    """Reads one byte of each cache line of the indexed rows; returns ``idx``, made to depend
-    on those reads so that the batch's gather runs after them.
-
-    A software prefetch for XLA:CPU, which has no prefetch instruction: the gather fused with
-    the normalization spends many instructions on each byte, so its loop has only a line or
-    two of the shuffled rows in flight at a time; this loop loads once per 64-byte line, many
-    of its cache misses overlap, and the gather then reads the rows from cache.
-
-    Args:
-      flat: the dataset, one row per example `(N, bytes)`.
-      idx: int indices, any shape `S`, in [0, N).
-
-    Returns:
-      `idx`, unchanged.
-    """
-    touched = flat.at[idx[..., None], _line_offsets(flat.shape[1])].get(mode="clip")
-    # The sum is >= 0, so min(sum, 0) == 0, which XLA cannot prove: the dependency stays.
-    return idx + jnp.minimum(jnp.sum(touched.astype(jnp.int32)), 0)
-
-
-def get_batch(
-    images: jax.Array, labels: jax.Array, idx: jax.Array, *, prefetch: bool = True
-) -> tuple[jax.Array, jax.Array]:
+def get_batch(images: jax.Array, labels: jax.Array, idx: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Gathers a batch from device-resident data.
 
     Args:
       images: uint8 images `(N, H, W, C)`.
       labels: int labels `(N,)`.
-      idx: int indices, any shape `S`.
-      prefetch: on a CPU, read one byte of each cache line of the rows before gathering
-        them, so that their cache misses overlap (the same batch either way).
+      idx: int indices in `[0, N)`, any shape `S` (out-of-range ones are clipped).
 
     Returns:
       `(x, y)`: float32 images in [0, 1] of shape `S + (H, W, C)`, labels of shape `S`.
     """
-    flat = images.reshape(images.shape[0], -1)
-    if prefetch:
-        # CPU only: a GPU hides the gather's latency with its own threads, and an extra
-        # kernel and its dependency would only add to each step.
-        idx = jax.lax.platform_dependent(flat, idx, cpu=_touch_rows, default=lambda _, i: i)
-    # One row per index, clipped into [0, N) (no wraparound of negative indices). XLA fuses
-    # the gather with the normalization into the loop that writes the float32 batch. (A
-    # pixel-major gather, `(pixels, examples)`, is rewritten into this one by XLA's simplifier
-    # once a matmul reads the batch; `python scripts/probes.py input-order`.)
-    dims = jax.lax.GatherDimensionNumbers(
-        offset_dims=(1,), collapsed_slice_dims=(0,), start_index_map=(0,)
-    )
-    rows = jax.lax.gather(
-        flat,
-        idx.reshape(-1, 1),
-        dims,
-        slice_sizes=(1, flat.shape[1]),
-        mode=jax.lax.GatherScatterMode.CLIP,
-    )
-    x = rows.reshape(idx.shape + images.shape[1:])
-    return normalize(x), labels[idx]
+    x = jnp.take(images, idx, axis=0, mode="clip")
+    return normalize(x), jnp.take(labels, idx, axis=0, mode="clip")
 
 
 def eval_batches(n: int, batch_size: int) -> tuple[jax.Array, jax.Array]:

@@ -28,8 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qsparse.reductions import tree_sum
-
 FULL_PRECISION = 32
 ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)  # 16 is stored as 16-bit codes; 32 = float
 SCALE_MODES = ("max", "mean", "learned")
@@ -220,58 +218,6 @@ def _codes(x, bits, zero_level: bool):
     return jnp.where(binary, jnp.where(x >= 0, 1.0, -1.0), multi)
 
 
-def _le(a, b):
-    """``1.0`` where ``a <= b``, else ``0.0``, in float arithmetic (subtract, clip, ceil).
-
-    The weight quantizer's backward pass uses this instead of a compare and a select, which
-    XLA:CPU's fused loops run slowly: a moment update with the straight-through mask took
-    1.15-1.60x the time of the same memory-bound loop without it, against 1.06-1.14x in this
-    form (``python scripts/probes.py mask-forms``, three runs). The mask is computed once per
-    kernel per step for the LSQ sum and again in each of Adam's moment loops, which recompute
-    it.
-    Equal to the compare wherever ``a - b`` is not a subnormal (its sign is then exact: a
-    float difference is zero only for equal operands); the callers compare weights over
-    their step, values of order 1, with limits of at least 1.
-
-    Args:
-      a: array.
-      b: array or scalar broadcastable against ``a``.
-
-    Returns:
-      A float array of 0s and 1s.
-    """
-    return 1.0 - jnp.ceil(jnp.clip(a - b, 0.0, 1.0))
-
-
-def _nonzero(w):
-    """``1.0`` where ``w != 0``, else ``0.0``, with no compare (see :func:`_le`)."""
-    return jnp.abs(jnp.sign(w))
-
-
-def _residual(x, bits, zero_level: bool):
-    """``codes - x`` where the straight-through gradient passes, the code elsewhere: the LSQ
-    step gradient's factor, equal element for element to ``_codes(x) - where(inside, x, 0)``.
-
-    Written with fewer operations than that form and no compare or select per element (see
-    :func:`_le`): the backward pass that sums it is compute-bound. Inside the range the clip
-    is the identity, so the code is the rounded ``x``; outside it every quantizer's code is
-    the clipped ``x`` rounded, ``+-lim`` (``n`` or, binary, ``1``), and ``x * 0`` takes
-    nothing off it.
-
-    Returns:
-      ``(r, inside)``: ``inside`` is 1.0 where ``x`` lies in the quantizer's range (``[-1, 1]``
-      for binary), the only place the gradient of the clip is not zero, else 0.0.
-    """
-    n = weight_levels(bits, zero_level)
-    binary = bits <= 1
-    lim = jnp.where(binary, 1.0, n)
-    # Scalar predicates: a select on one value per array costs nothing.
-    sign_code = 2.0 * _le(-x, 0.0) - 1.0  # +1 for x >= 0 (signed zeros too), else -1
-    code = jnp.where(binary, sign_code, _level(jnp.clip(x, -lim, lim), zero_level))
-    inside = _le(jnp.abs(x), lim)
-    return code - x * inside, inside
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fake_quant(w, s, bits, zero_level: bool):
     """``codes(w / s) * s`` with exact zeros kept and ``bits >= 32`` passing ``w`` through.
@@ -296,31 +242,32 @@ def _fake_quant_fwd(w, s, bits, zero_level):
 
 def _fake_quant_bwd(zero_level, res, g):
     w, s, bits = res
-    # w * (1 / s), not w / s: a different expression from the forward pass, so XLA does not
-    # share (and materialize) one full-size w / s between the passes; each pass recomputes
-    # it inside its own fused loop.
+    # Not w / s: an expression of its own, so XLA does not share one full-size w / s with the
+    # forward pass (written out and read back) but recomputes it inside each loop.
     x = w * (1.0 / s)
-    r, inside = _residual(x, bits, zero_level)
-    # 0/1 factors, not selects (see _le): this pass and the optimizer's moment loops, which
-    # recompute dw's factor, are compute-bound. Each value is g * r or g times exactly 1 or 0.
-    full = jnp.asarray(bits >= FULL_PRECISION, w.dtype)
-    live = _nonzero(w) * (1.0 - full)
-    ds = g * r * live
-    # s is a scalar or one step per output channel (last axis): sum over the rest. The first
-    # levels of a tree of slice additions fuse with the product above into one loop (a
-    # reduce op would write the full-size product out and read it back; see
-    # qsparse.reductions); the <= 256 rows left go to one reduce op. Every level more is one
-    # op more in the chain the optimizer waits for (dw is ordered after ds, below), and XLA
-    # schedules such small ops late: with the tree to one row, no layer's Adam moments ran
-    # before the last weight-gradient matmul of the step.
-    part = tree_sum(ds.reshape(-1, w.shape[-1]), 0, until=256)
-    ds = (jnp.sum(part, 0) if s.ndim else jnp.sum(part)).reshape(s.shape).astype(s.dtype)
-    # dw times exactly 1, but computed from ds: whatever consumes dw (the optimizer's update
-    # of w) now runs after the pass above, the last read of w. Without that order XLA must
-    # copy w on every step of a training loop before it may update it in place.
-    after_ds = 1.0 + 0.0 * ds
-    dw = (g * jnp.maximum(full, live * inside) * after_ds).astype(w.dtype)
-    return dw, ds, jnp.zeros_like(bits)
+    lim = jnp.where(bits <= 1, 1.0, weight_levels(bits, zero_level))
+    inside = jnp.abs(x) <= lim
+    full = bits >= FULL_PRECISION
+    live = (w != 0) & ~full
+    code = _codes(x, bits, zero_level)
+    dw = jnp.where(full | (live & inside), g, 0.0).astype(w.dtype)
+    # s is one step, or one per output channel (last axis). The product sits inside the
+    # select, so XLA:CPU writes out one array of terms for the sum, not g and a factor.
+    axes = tuple(range(w.ndim - 1)) if s.ndim else None
+    terms = jnp.where(live, g * jnp.where(inside, code - x, code), 0.0)
+    ds = jnp.sum(terms, axis=axes).reshape(s.shape).astype(s.dtype)
+    return _after(dw, ds), ds, jnp.zeros_like(bits)
+
+
+def _after(x, dep):
+    """``x`` times an exact 1 computed from ``dep``: whatever reads ``x`` then runs after
+    ``dep``.
+
+    The weight gradient is released after the step gradient, the last pass that reads the
+    weights, so the optimizer can update them in place; otherwise XLA copies every kernel on
+    every step.
+    """
+    return (x * (1.0 + 0.0 * dep)).astype(x.dtype)
 
 
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
@@ -443,9 +390,8 @@ def int_matmul(x, wq, a_bits, clip, w_step, *, signed: bool = False, bf16_grads:
     through the two quantizers as before: by default from float32 matmuls; with
     ``bf16_grads`` from bfloat16 matmuls of the output gradient rounded to bfloat16 (8
     significant bits, float32's exponent range, so nothing underflows) with the same integer
-    codes, summed in float32: TPUs' default matmul precision, and on CPUs with bfloat16 units
-    about 0.6 of the float32 matmuls' time. Only the output gradient is rounded; the codes are
-    exact.
+    codes, summed in float32: TPUs' default matmul precision, and faster than float32 on
+    CPUs with bfloat16 units. Only the output gradient is rounded; the codes are exact.
 
     Args:
       x: quantized activations, ``(..., in)``.

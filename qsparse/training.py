@@ -147,9 +147,7 @@ def make_optimizer(plan: Plan, sched: Schedule, spec) -> optax.GradientTransform
         if sched.weight_decay:
             return optax.adamw(lr, weight_decay=sched.weight_decay, mask=_kernels_only)
         return optax.adam(lr)
-    # The prox threshold is t * lambda with t the current step size (proximal gradient). The
-    # fused transform is block_sparse_chain around Adam(W), the same algorithm in fewer
-    # passes over the weights (see its docstring).
+    # The prox threshold is t * lambda with t the current step size (proximal gradient).
     lam = spec["prox_strength"]
     return optim.block_sparse_adam(
         lr,
@@ -305,7 +303,8 @@ def make_train_step(model, plan: Plan, sched: Schedule, *, guard: bool = True):
             state.params, spec, x, y, teacher, state.model_state or {}, rng
         )
         tx = make_optimizer(plan, sched, spec)
-        params, opt_state = optim.apply_step(tx, grads, state.opt_state, state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         new = state._replace(
             step=state.step + 1,
             params=params,

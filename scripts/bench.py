@@ -64,11 +64,9 @@ The JSON file holds every program's timed rounds too (``rounds_s``, seconds per 
 order, keyed ``b128/prox``, ``sweep/vmap`` and so on) and the process's minor page faults in
 each (``round_faults``), for statistics beyond the medians.
 
-``--only steps,sweep,input,guard`` runs a subset; on 2 CPU cores ``--quick`` takes 1 to 2
-minutes and the full run about 5 (283-337 s on a busy AMD EPYC VM). Its comparisons stop
-after 75 s of rounds once they have 9, so a machine at a third of that speed runs the
-minimum rounds (an Intel Xeon VM at 2 GHz took 7 minutes with 9 to 13 rounds); ``--gpu``
-sizes the scans for an accelerator.
+``--only steps,sweep,input,guard`` runs a subset; ``--quick`` is a short run. Each comparison
+stops after 75 s of rounds once it has its minimum, so a slow machine still finishes within
+about 10 minutes; ``--gpu`` sizes the scans for an accelerator.
 """
 
 from __future__ import annotations
@@ -93,10 +91,8 @@ except ImportError:  # not on Windows
 # JAX device per core lets each core train its own settings. The sweep's parts (3 and 5) run
 # in a child process started with that flag (set here, before JAX starts, when the child's
 # argv holds MULTI_DEVICE_FLAG); the single-setting parts (1, 2 and 4) run in the parent on
-# the default single device, as experiments.train runs. With two host devices on a 2-core VM,
-# single-device programs ran at one of two speeds, switching even within a process (a small
-# MLP's one-after-another sweep: 0.65-0.72 or 1.05-1.15 ms per setting-step, the slow one in
-# 13 of 23 processes at some point; with one device 0.65-0.72 in all of 11).
+# the default single device, as experiments.train runs (with several host devices a
+# single-device program's speed was unsteady).
 MULTI_DEVICE_FLAG = "--multi-device"
 if MULTI_DEVICE_FLAG in sys.argv and "--xla_force_host_platform_device_count" not in (
     os.environ.get("XLA_FLAGS", "")
@@ -171,29 +167,15 @@ class Sizes:
 
 
 SIZES = {
-    # Rounds enough for medians that hold still on a shared 2-core VM, where one round's ratio
-    # of two calls varies by 10-15% (other tenants; `probes.py ratio-drift`): the median of n
-    # rounds then by about 1.25 * 0.12 / sqrt(n). The rows whose figures sit nearest their
-    # targets get the most rounds: batch 128 (true ratio 1.02-1.10) 21, about +-0.03; the
-    # input row (0.99 over 41 rounds, blocks of 10 at 0.97-1.02, where 13 rounds read
-    # 0.93-1.00 in five runs of the same code) 41, about +-0.025; the divergence guard (true
-    # cost about 0, target 2%, NOISY in five of the last six runs at 11 rounds) and the sweep
-    # 21. Batch 1024 (0.92) keeps 9.
-    # Each stops after 75 s of rounds once it has 9: on this 2-core VM about 20 rounds of
-    # batch 128 (2.9 s a round), all 41 of the input and 21 of the guard (1.3-1.4 s), about
-    # 21 of the sweep (3.3 s); 9 of each, or a few more, on a VM at a third of its speed.
+    # Rounds enough for medians that hold still on a shared machine; the rows nearest their
+    # targets get the most. Each stops after 75 s of rounds once it has 9.
     "full": Sizes(
         step_reps={128: 21, 1024: 9},
         min_reps=9,
         budget_s=75.0,
         step_batches=(128, 1024),
-        # Each call allocates its output state and scratch afresh, and the pages it touches
-        # for them cost about 1.3 us each when the allocator has handed them back (0 to 11,000
-        # of them per call, the same for a short call as for a long one, and not the same for
-        # the two sides: `probes.py page-cost`, `step-windows`). A training epoch is one call
-        # of hundreds of steps, so the windows are long enough for that to weigh little (at 20
-        # steps per call it was up to 0.7 ms of a 7 ms step), and short enough that a 2-core
-        # VM at a third of this one's speed still runs the whole bench within 10 minutes.
+        # Long enough that each call's fresh output pages weigh little, as in a training
+        # epoch; short enough that a slow machine finishes within 10 minutes.
         steps={128: 40, 1024: 8},
         matmul_chain=6,
         sweep_steps=100,
@@ -246,9 +228,8 @@ WARMUP: dict[str, float] = {}  # program name -> seconds of its first (compiling
 # set any program's rounds beside another's (a slow round of the streaming probe beside the
 # step ratios of the same round, say) rather than only the medians.
 ROUNDS: dict[str, list[float]] = {}
-# Program name -> the process's minor page faults during each timed call: a call whose output
-# and scratch buffers land on fresh pages pays about 1.3 us per 4 KiB page here
-# (`probes.py page-cost`), which is no part of a training step's cost.
+# Program name -> the process's minor page faults during each timed call (fresh output pages
+# cost time that is no part of a training step's cost).
 FAULTS: dict[str, list[int]] = {}
 
 
@@ -727,7 +708,7 @@ def bench_sweep(sz: Sizes) -> dict:
 
 
 def input_setup(examples: int | None = None) -> dict:
-    """The input comparison's data and programs (also used by ``probes.py input-order``).
+    """The input comparison's data and programs.
 
     Args:
       examples: training images to use (None: the whole split).
@@ -799,33 +780,18 @@ def bench_input(sz: Sizes) -> dict:
     su = input_setup(sz.input_examples)
     images, labels, state, spec = su["images"], su["labels"], su["state"], su["spec"]
     epoch, const, fixed = su["epoch"], su["const"], su["fixed"]
-    n, batch, steps, note = len(labels), su["batch"], su["steps"], su["note"]
+    n, steps, note = len(labels), su["steps"], su["note"]
     keys = iter(jax.random.split(jax.random.key(1), 1000))
     programs = {
         # A fresh key per call: every timed epoch is shuffled anew, as in training.
         "epoch": lambda: epoch(state, images, labels, next(keys), spec),
         "constant": lambda: const(state, fixed, spec),
-        # The machine's streaming bandwidth in the same rounds: on a shared VM it swings
-        # (85-117 GB/s here), and the epoch's extra memory traffic costs more when it is low.
+        # The machine's streaming bandwidth in the same rounds: the epoch's extra memory
+        # traffic costs more when it is low.
         "stream": stream_program(),
     }
     t = race(programs, sz.input_reps, tag="input/", min_reps=sz.min_reps, budget_s=sz.budget_s)
-    # The shuffle alone: qsparse's Feistel permutation against a sort of the indices by 64
-    # random bits (two uint32 keys), the uniform-permutation-by-sorting it replaced.
-    feistel = jax.jit(lambda k: qdata.epoch_indices(k, n, batch))
-
-    @jax.jit
-    def by_sort(k):
-        bits = jax.random.bits(k, (2, n))
-        return jax.lax.sort((bits[0], bits[1], jnp.arange(n, dtype=jnp.int32)), num_keys=2)[2]
-
-    shuffles = race(
-        {"feistel": lambda: feistel(next(keys)), "sort": lambda: by_sort(next(keys))},
-        sz.input_reps,
-        tag="input/shuffle ",
-    )
     return {
-        "shuffle_ms": {k: 1e3 * med(v) for k, v in shuffles.items()},
         "dataset": su["dataset"],
         "examples": n,
         "steps": steps,
@@ -1410,6 +1376,90 @@ def verdict(value: float, target: float, higher_is_better: bool, best: float | N
     return "PASS" if ok(value) else "MISS"
 
 
+def report_steps(st: dict) -> list[dict]:
+    """Prints parts 1 and 2 (step time, training FLOP/s); returns their target rows."""
+    targets = []
+    print("\n1. step time, MLP 784-1024-1024-1024-10 (ms/step, median)")
+    hdr = f"{'batch':>6} {'N':>4} {'rounds':>6} {'plain':>8} {'prox':>8} {'prune*':>8}"
+    hdr += f" {'finetune':>9}"
+    print(hdr + f" {'mask upd':>9}  ratio prox/prune/finetune: median (best-of)")
+    for b, e in st["batches"].items():
+        ms, r, rb = e["ms_per_step"], e["ratio"], e["ratio_best"]
+        print(
+            f"{b:>6} {e['steps_per_call']:>4} {e.get('rounds', 0):>6}"
+            f" {ms['plain']:8.2f} {ms['prox']:8.2f}"
+            f" {ms['prune']:8.2f} {ms['finetune']:9.2f} {e['mask_update_ms']:8.1f}ms"
+            + "  "
+            + " / ".join(f"{r[k]:.2f} ({rb[k]:.2f})" for k in ("prox", "prune", "finetune"))
+        )
+    print(
+        "   *prune: steady state + one mask update per"
+        f" prune_every={STEP_SCHEDULE.prune_every} steps (the update's cost in the step: a"
+        " window updating on every step against one that does not)"
+    )
+    print(
+        "   the joint step with float32 gradients in its integer-code layers"
+        " (bf16_grads=False), prox phase, for reference: "
+        + ", ".join(
+            f"batch {b} {e['ratio_f32_grads']:.2f} ({e['ratio_f32_grads_best']:.2f})"
+            for b, e in st["batches"].items()
+        )
+    )
+    print("   XLA cost analysis of one step (load-independent):")
+    for b, e in st["batches"].items():
+        cp, cj = e["cost_plain"], e["cost_joint"]
+        if cp and cj:
+            print(
+                f"   batch {b:>5}: plain {cp['bytes'] / 1e6:7.1f} MB {cp['flops'] / 1e9:6.2f}"
+                f" GFLOP | joint {cj['bytes'] / 1e6:7.1f} MB {cj['flops'] / 1e9:6.2f} GFLOP"
+                f" | bytes x{cj['bytes'] / cp['bytes']:.2f}"
+            )
+    for b, e in st["batches"].items():
+        if e.get("extra_bytes_ms") is not None:
+            print(
+                f"   batch {b:>5}: streaming bandwidth {e['stream_gbs']:.1f} GB/s; the joint"
+                f" step's extra bytes at that rate {e['extra_bytes_ms']:.1f} ms/step,"
+                f" measured extra ({e['worst_phase']}) {e['extra_ms']:.1f} ms/step"
+            )
+        fpc = e.get("faults_per_call")
+        if fpc:
+            print(
+                f"   batch {b:>5}: minor page faults per timed call (fresh pages for its"
+                f" buffers), median: plain {fpc['plain']}, {e['worst_phase']}"
+                f" {fpc[e['worst_phase']]}"
+            )
+    for b, e in st["batches"].items():
+        targets.append(
+            {
+                "name": f"step ratio joint/plain, batch {b} (worst: {e['worst_phase']})",
+                "value": e["worst_ratio"],
+                "best": max(e["ratio_best"].values()),
+                "target": STEP_RATIO_TARGET,
+                "op": "<=",
+            }
+        )
+    big = max(st["batches"])
+    fl = st["batches"][big].get("flops")
+    if fl:
+        print(f"\n2. training FLOP/s, batch {big} (6 x batch x params / step time)")
+        print(
+            f"   matmul peak {fl['peak_gflops']:.1f} GFLOP/s | plain {fl['plain_gflops']:.1f}"
+            f" ({fl['plain_fraction']:.2f} of peak) | joint ({fl['joint_phase']})"
+            f" {fl['joint_gflops']:.1f} ({fl['joint_fraction']:.2f} of peak)"
+        )
+        for k in ("plain", "joint"):
+            targets.append(
+                {
+                    "name": f"FLOP/s fraction of matmul peak, {k}, batch {big}",
+                    "value": fl[f"{k}_fraction"],
+                    "best": fl[f"{k}_fraction_best"],
+                    "target": 0.6,
+                    "op": ">=",
+                }
+            )
+    return targets
+
+
 def report(res: dict) -> list[dict]:
     """Prints the tables; returns the target rows."""
     m = res["machine"]
@@ -1420,86 +1470,8 @@ def report(res: dict) -> list[dict]:
     print("          compile excluded, round-robin rounds, median of per-round ratios")
     targets = []
 
-    st = res.get("steps")
-    if st:
-        print("\n1. step time, MLP 784-1024-1024-1024-10 (ms/step, median)")
-        hdr = f"{'batch':>6} {'N':>4} {'rounds':>6} {'plain':>8} {'prox':>8} {'prune*':>8}"
-        hdr += f" {'finetune':>9}"
-        print(hdr + f" {'mask upd':>9}  ratio prox/prune/finetune: median (best-of)")
-        for b, e in st["batches"].items():
-            ms, r, rb = e["ms_per_step"], e["ratio"], e["ratio_best"]
-            print(
-                f"{b:>6} {e['steps_per_call']:>4} {e.get('rounds', 0):>6}"
-                f" {ms['plain']:8.2f} {ms['prox']:8.2f}"
-                f" {ms['prune']:8.2f} {ms['finetune']:9.2f} {e['mask_update_ms']:8.1f}ms"
-                + "  "
-                + " / ".join(f"{r[k]:.2f} ({rb[k]:.2f})" for k in ("prox", "prune", "finetune"))
-            )
-        print(
-            "   *prune: steady state + one mask update per"
-            f" prune_every={STEP_SCHEDULE.prune_every} steps (the update's cost in the step: a"
-            " window updating on every step against one that does not)"
-        )
-        print(
-            "   the joint step with float32 gradients in its integer-code layers"
-            " (bf16_grads=False), prox phase, for reference: "
-            + ", ".join(
-                f"batch {b} {e['ratio_f32_grads']:.2f} ({e['ratio_f32_grads_best']:.2f})"
-                for b, e in st["batches"].items()
-            )
-        )
-        print("   XLA cost analysis of one step (load-independent):")
-        for b, e in st["batches"].items():
-            cp, cj = e["cost_plain"], e["cost_joint"]
-            if cp and cj:
-                print(
-                    f"   batch {b:>5}: plain {cp['bytes'] / 1e6:7.1f} MB {cp['flops'] / 1e9:6.2f}"
-                    f" GFLOP | joint {cj['bytes'] / 1e6:7.1f} MB {cj['flops'] / 1e9:6.2f} GFLOP"
-                    f" | bytes x{cj['bytes'] / cp['bytes']:.2f}"
-                )
-        for b, e in st["batches"].items():
-            if e.get("extra_bytes_ms") is not None:
-                print(
-                    f"   batch {b:>5}: streaming bandwidth {e['stream_gbs']:.1f} GB/s; the joint"
-                    f" step's extra bytes at that rate {e['extra_bytes_ms']:.1f} ms/step,"
-                    f" measured extra ({e['worst_phase']}) {e['extra_ms']:.1f} ms/step"
-                )
-            fpc = e.get("faults_per_call")
-            if fpc:
-                print(
-                    f"   batch {b:>5}: minor page faults per timed call (fresh pages for its"
-                    f" buffers), median: plain {fpc['plain']}, {e['worst_phase']}"
-                    f" {fpc[e['worst_phase']]}"
-                )
-        for b, e in st["batches"].items():
-            targets.append(
-                {
-                    "name": f"step ratio joint/plain, batch {b} (worst: {e['worst_phase']})",
-                    "value": e["worst_ratio"],
-                    "best": max(e["ratio_best"].values()),
-                    "target": STEP_RATIO_TARGET,
-                    "op": "<=",
-                }
-            )
-        big = max(st["batches"])
-        fl = st["batches"][big].get("flops")
-        if fl:
-            print(f"\n2. training FLOP/s, batch {big} (6 x batch x params / step time)")
-            print(
-                f"   matmul peak {fl['peak_gflops']:.1f} GFLOP/s | plain {fl['plain_gflops']:.1f}"
-                f" ({fl['plain_fraction']:.2f} of peak) | joint ({fl['joint_phase']})"
-                f" {fl['joint_gflops']:.1f} ({fl['joint_fraction']:.2f} of peak)"
-            )
-            for k in ("plain", "joint"):
-                targets.append(
-                    {
-                        "name": f"FLOP/s fraction of matmul peak, {k}, batch {big}",
-                        "value": fl[f"{k}_fraction"],
-                        "best": fl[f"{k}_fraction_best"],
-                        "target": 0.6,
-                        "op": ">=",
-                    }
-                )
+    if res.get("steps"):
+        targets += report_steps(res["steps"])
 
     sw = res.get("sweep")
     if sw:
@@ -1534,11 +1506,6 @@ def report(res: dict) -> list[dict]:
             f" | ratio {ip['ratio']:.3f} (best-of {ip['ratio_best']:.3f})"
             + (f" | streaming {ip['stream_gbs']:.0f} GB/s" if "stream_gbs" in ip else "")
             + (f"  NOTE: {ip['note']}" if ip["note"] else "")
-        )
-        sh = ip["shuffle_ms"]
-        print(
-            f"   shuffle per epoch: Feistel permutation {sh['feistel']:.2f} ms"
-            f" | sort by random keys {sh['sort']:.2f} ms"
         )
         targets.append(
             {"name": "input: constant-batch time / epoch time", "value": ip["ratio"]}

@@ -2,7 +2,6 @@
 
 import gzip
 import pathlib
-import re
 
 import jax
 import jax.numpy as jnp
@@ -172,24 +171,6 @@ def test_epoch_indices_permutation_and_determinism():
         data.epoch_indices(jax.random.key(0), 103, 200)
 
 
-def test_index_permutation_is_a_uniform_looking_permutation():
-    for n in (1, 2, 3, 10, 103, 1797, 65537):
-        p = np.asarray(data.index_permutation(jax.random.key(n), n))
-        np.testing.assert_array_equal(np.sort(p), np.arange(n))
-    # Over many keys, every element is equally likely at every position, and each pair is as
-    # likely in one order as in the other (a rotation or a fixed shuffle fails both).
-    keys = jax.random.split(jax.random.key(0), 4000)
-    perms = np.asarray(jax.jit(jax.vmap(lambda k: data.index_permutation(k, 8)))(keys))
-    counts = np.stack([np.bincount(perms[:, pos], minlength=8) for pos in range(8)])
-    chi2 = float(((counts - 500.0) ** 2 / 500.0).sum())
-    assert chi2 < 49 + 6 * np.sqrt(2 * 49), chi2  # 49 degrees of freedom
-    where = np.argsort(perms, axis=1)
-    before = [(where[:, a] < where[:, b]).mean() for a in range(8) for b in range(a + 1, 8)]
-    assert 0.45 < min(before) and max(before) < 0.55
-    big = np.asarray(data.index_permutation(jax.random.key(3), 60000))
-    assert abs(np.corrcoef(big, np.arange(60000))[0, 1]) < 0.02
-
-
 def test_eval_batches_cover_each_example_once():
     idx, mask = data.eval_batches(23, 5)
     assert idx.shape == mask.shape == (5, 5)
@@ -210,8 +191,8 @@ def test_device_batching():
 
 
 def test_batch_gather_equals_indexing_for_any_index_shape():
-    # get_batch gathers flattened rows with lax.gather and reshapes them: the batch must be the
-    # indexed examples in the indices' order and shape, bit for bit, first and last included.
+    # The batch is the indexed examples in the indices' order and shape, bit for bit, first
+    # and last included.
     ds = data.load("synthetic", synthetic_size=(40, 8))
     dev = data.to_device(ds)
     idx = jnp.array([[39, 0, 7], [7, 12, 39]], jnp.int32)
@@ -219,44 +200,3 @@ def test_batch_gather_equals_indexing_for_any_index_shape():
     assert x.shape == (2, 3, 28, 28, 1) and y.shape == (2, 3)
     np.testing.assert_array_equal(x, data.normalize(dev["train_x"][idx]))
     np.testing.assert_array_equal(y, np.asarray(ds.train_y)[np.asarray(idx)])
-
-
-@pytest.mark.parametrize("row", [1, 10, 63, 64, 65, 784, 3072])
-def test_line_offsets_fall_in_every_cache_line_a_row_spans(row):
-    # Wherever a row starts within a 64-byte line, the prefetch's offsets must hit each line
-    # the row's bytes lie in, and no byte outside the row.
-    cols = data._line_offsets(row)
-    assert cols.min() >= 0 and cols.max() == row - 1
-    for start in range(64):
-        spanned = set(range(start // 64, (start + row - 1) // 64 + 1))
-        assert {(start + c) // 64 for c in cols} == spanned, (row, start)
-
-
-def test_touch_rows_returns_the_indices():
-    images = (jnp.arange(40 * 784) % 251).astype(jnp.uint8).reshape(40, 784)
-    idx = jnp.array([[39, 0, 7], [7, 12, 39]], jnp.int32)
-    np.testing.assert_array_equal(jax.jit(data._touch_rows)(images, idx), idx)
-
-
-def _batch_of_128():
-    """`get_batch`'s arguments for 128 of 300 Fashion-MNIST-sized images."""
-    images = jnp.zeros((300, 28, 28, 1), jnp.uint8)
-    return images, jnp.zeros((300,), jnp.int32), jnp.arange(128, dtype=jnp.int32)
-
-
-def test_cpu_batch_gather_keeps_its_prefetch_after_compilation():
-    # XLA must not drop the prefetch as dead code: the compiled CPU program gathers the
-    # one-byte-per-line reads (128 rows x 14 offsets of a 784-byte row) and the rows.
-    hlo = jax.jit(data.get_batch).lower(*_batch_of_128()).compile().as_text()
-    assert "u8[1792" in hlo, "the per-line reads are gone from the compiled program"
-    assert re.search(r"u8\[128,(1,)?784\][^\n]*gather\(", hlo)
-
-
-def test_batch_prefetch_is_staged_for_the_cpu_only():
-    # Lowered for a GPU (no GPU needed to lower), the batch has no per-line reads: the
-    # prefetch would only add a kernel and a dependency there. Lowered for the CPU it has them.
-    traced = jax.jit(data.get_batch).trace(*_batch_of_128())
-    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
-    gpu = traced.lower(lowering_platforms=("cuda",)).as_text()
-    assert "128x14xui8" in cpu
-    assert "128x14xui8" not in gpu and "128x784xui8" in gpu

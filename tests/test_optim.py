@@ -26,16 +26,13 @@ def loss(p, x):
 X = jax.random.normal(jax.random.key(9), (32, 16))
 
 
-def run(tx, steps, params=None, *, direct=False):
+def run(tx, steps, params=None, objective=loss):
     params = make_params() if params is None else params
     state = tx.init(params)
 
-    @jax.jit
+    @jax.jit  # one compile instead of op-by-op dispatch of every step
     def step(p, s):
-        g = jax.grad(loss)(p, X)
-        if direct:  # the new parameters as the transform hands them back
-            return optim.apply_step(tx, g, s, p)
-        u, s = tx.update(g, s, p)
+        u, s = tx.update(jax.grad(objective)(p, X), s, p)
         return optax.apply_updates(p, u), s
 
     for _ in range(steps):
@@ -43,25 +40,83 @@ def run(tx, steps, params=None, *, direct=False):
     return params, state
 
 
-def test_prox_lands_on_prox_of_inner_step():
+def _kernels(tree):
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, _: optim.path_str(kp).endswith("kernel"), tree
+    )
+
+
+def test_is_an_optax_transformation():
+    tx = optim.block_sparse_adam(1e-2, SHAPES, 4.0, begin=5, end=10)
+    assert isinstance(tx, optax.GradientTransformation)
+    state = tx.init(make_params())
+    assert isinstance(state, optim.BlockSparseAdamState)
+    assert state.masks["a"]["kernel"].shape == (4, 2)  # one entry per block
+    with pytest.raises(ValueError, match="needs params"):
+        tx.update(make_params(), state)
+
+
+def test_prox_lands_on_prox_of_the_adam_step():
     params = make_params()
     g = jax.grad(loss)(params, X)
-    inner = optax.sgd(0.1)
-    tx = optax.chain(inner, optim.proximal_block_lasso(0.5, SHAPES))
+    tx = optim.block_sparse_adam(0.1, SHAPES, 4.0, prox_strength=0.5, begin=5, end=10)
     u, _ = tx.update(g, tx.init(params), params)
     new = optax.apply_updates(params, u)
-    u0, _ = inner.update(g, inner.init(params), params)
-    plain = optax.apply_updates(params, u0)
+    adam = optax.adam(0.1)
+    plain = optax.apply_updates(params, adam.update(g, adam.init(params), params)[0])
     np.testing.assert_allclose(
         new["a"]["kernel"], prox_block_lasso(plain["a"]["kernel"], (4, 4), 0.5), atol=1e-6
     )
     np.testing.assert_allclose(new["a"]["bias"], plain["a"]["bias"], atol=1e-7)
 
 
-def test_prox_until_stops():
-    tx = optax.chain(optax.sgd(0.0), optim.proximal_block_lasso(10.0, SHAPES, until=0))
-    p, _ = run(tx, 1)
-    np.testing.assert_array_equal(p["a"]["kernel"], make_params()["a"]["kernel"])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+def test_without_pruning_it_is_adamw(weight_decay):
+    # Compression 1 and no prox: Adam(W) through every phase, decay on the kernels only.
+    def lr(count):
+        return 3e-2 * (1.0 - count / 40.0)
+
+    tx = optim.block_sparse_adam(
+        lr, SHAPES, 1.0, weight_decay=weight_decay, decay_mask=_kernels, begin=5, end=20
+    )
+    ref = optax.adamw(lr, weight_decay=weight_decay, mask=_kernels)
+    p, s = run(tx, 30)
+    p_ref, s_ref = run(ref, 30)
+    for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(p_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(s.adam.nu), jax.tree.leaves(s_ref[0].nu)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_prox_stops_at_begin_also_under_vmap():
+    # Off the prox phase the branch returns ones: a huge strength changes nothing then.
+    def final(strength, steps):
+        tx = optim.block_sparse_adam(
+            1e-2, SHAPES, 2.0, prox_strength=strength, begin=3, end=6, frequency=3
+        )
+        return run(tx, steps)[0]["a"]["kernel"]
+
+    weak, strong = final(0.0, 3), final(100.0, 3)
+    assert (np.asarray(strong) == 0).all() and not (np.asarray(weak) == 0).all()
+
+    def from_step(strength):
+        tx = optim.block_sparse_adam(
+            1e-2, SHAPES, 2.0, prox_strength=strength, begin=0, end=0, frequency=1
+        )
+        params = make_params()
+        u, _ = tx.update(jax.grad(loss)(params, X), tx.init(params), params)
+        return optax.apply_updates(params, u)["a"]["kernel"]
+
+    ks = jax.jit(jax.vmap(from_step))(jnp.array([0.0, 100.0]))
+    np.testing.assert_array_equal(ks[0], ks[1])  # begin=0: no prox step at all
+
+
+def test_strong_prox_zeroes_some_blocks_and_shrinks_the_rest():
+    tx = optim.block_sparse_adam(1e-1, SHAPES, 2.0, prox_strength=4.5, begin=5, end=8)
+    params = make_params()
+    new, _ = run(tx, 1, params)
+    zeroed = np.asarray(block_norms(new["a"]["kernel"], (4, 4))) == 0
+    assert zeroed.any() and not zeroed.all()
 
 
 def test_schedule_endpoints():
@@ -71,8 +126,8 @@ def test_schedule_endpoints():
 
 
 def test_100_adam_steps_pruned_blocks_zero_and_moments_zero():
-    tx = optim.block_sparse_chain(
-        optax.adam(1e-2), SHAPES, 4.0, prox_strength=1e-3, begin=10, end=40, frequency=10
+    tx = optim.block_sparse_adam(
+        1e-2, SHAPES, 4.0, prox_strength=1e-3, begin=10, end=40, frequency=10
     )
     p, s = run(tx, 100)
     masks = optim.expand_masks(optim.find_masks(s), p)
@@ -83,22 +138,19 @@ def test_100_adam_steps_pruned_blocks_zero_and_moments_zero():
         kept = int(np.asarray(block_norms(jnp.asarray(m), bs) > 0).sum())
         n_blocks = m.size // (bs[0] * bs[1])
         assert kept == -(-n_blocks // 4)
-    adam_state = s.inner_state[0][0]
-    for moment in (adam_state.mu, adam_state.nu):
+    for moment in (s.adam.mu, s.adam.nu):
         for name in ("a", "b"):
             m = np.asarray(masks[name]["kernel"])
             assert (np.asarray(moment[name]["kernel"])[m == 0] == 0).all()
-    assert np.asarray(adam_state.nu["a"]["kernel"])[np.asarray(masks["a"]["kernel"]) == 1].any()
+    assert np.asarray(s.adam.nu["a"]["kernel"])[np.asarray(masks["a"]["kernel"]) == 1].any()
 
 
 def test_masks_only_recomputed_on_schedule():
-    tx = optax.chain(
-        optax.adam(1e-2), optim.gradual_block_pruning(SHAPES, 4.0, begin=5, end=25, frequency=10)
-    )
+    tx = optim.block_sparse_adam(1e-2, SHAPES, 4.0, begin=5, end=25, frequency=10)
     params = make_params()
     state = tx.init(params)
 
-    @jax.jit  # one compile instead of op-by-op dispatch of 30 steps
+    @jax.jit
     def step(params, state):
         u, state = tx.update(jax.grad(loss)(params, X), state, params)
         return optax.apply_updates(params, u), state
@@ -106,25 +158,15 @@ def test_masks_only_recomputed_on_schedule():
     history = []
     for _ in range(30):
         params, state = step(params, state)
-        history.append(np.asarray(state[1].masks["a"]["kernel"]))
+        history.append(np.asarray(state.masks["a"]["kernel"]))
     changes = [i for i in range(1, 30) if not (history[i] == history[i - 1]).all()]
     assert changes and set(changes) <= {5, 15, 25}  # mask updates only on schedule steps
     assert (history[4] == 1).all() and history[29].mean() == pytest.approx(0.25)
 
 
-def test_keep_masks_fixed_masks():
-    params = make_params()
-    masks = optim.compute_masks(params, SHAPES, 2.0)
-    params = jax.tree.map(lambda p, m: p * m, params, masks)
-    p, s = run(optim.keep_masks(optax.adam(1e-2), masks), 50, params)
-    m = np.asarray(masks["a"]["kernel"])
-    assert (np.asarray(p["a"]["kernel"])[m == 0] == 0).all()
-    assert (np.asarray(s.inner_state[0].mu["a"]["kernel"])[m == 0] == 0).all()
-
-
 def test_works_under_vmap_over_compression():
     def final(c):
-        tx = optim.block_sparse_chain(optax.adam(1e-2), SHAPES, c, begin=2, end=10, frequency=2)
+        tx = optim.block_sparse_adam(1e-2, SHAPES, c, begin=2, end=10, frequency=2)
         params = make_params()
         state = tx.init(params)
 
@@ -143,20 +185,20 @@ def test_works_under_vmap_over_compression():
 
 def test_bad_schedule_and_paths():
     with pytest.raises(ValueError, match="begin"):
-        optim.gradual_block_pruning(SHAPES, 2.0, begin=10, end=5)
+        optim.block_sparse_adam(1e-2, SHAPES, 2.0, begin=10, end=5)
     with pytest.raises(ValueError, match="compression"):
-        optim.gradual_block_pruning(SHAPES, 0.5, begin=0, end=5)
-    tx = optim.proximal_block_lasso(0.1, {"nope/kernel": (2, 2)})
+        optim.block_sparse_adam(1e-2, SHAPES, 0.5, begin=0, end=5)
+    with pytest.raises(ValueError, match="frequency"):
+        optim.block_sparse_adam(1e-2, SHAPES, 2.0, begin=0, end=5, frequency=0)
+    tx = optim.block_sparse_adam(1e-2, {"nope/kernel": (2, 2)}, 2.0, begin=0, end=5)
     with pytest.raises(ValueError, match="nope/kernel"):
         tx.init(make_params())
 
 
 def test_target_reached_when_end_is_off_the_frequency_grid():
-    tx = optax.chain(
-        optax.adam(1e-2), optim.gradual_block_pruning(SHAPES, 4.0, begin=0, end=7, frequency=5)
-    )
+    tx = optim.block_sparse_adam(1e-2, SHAPES, 4.0, begin=0, end=7, frequency=5)
     _, s = run(tx, 9)
-    kept = int(s[1].masks["a"]["kernel"].sum())  # stored per block
+    kept = int(s.masks["a"]["kernel"].sum())  # stored per block
     assert kept == 2  # ceil(8 / 4), not the schedule's value at step 5
 
 
@@ -166,11 +208,11 @@ def test_pruning_is_monotone_and_pruned_weights_get_no_update():
     def grow(p, x):
         return -jnp.sum(jnp.abs(p["a"]["kernel"])) - jnp.sum(jnp.abs(p["b"]["kernel"]))
 
-    tx = optim.block_sparse_chain(optax.adam(1e-1), SHAPES, 4.0, begin=0, end=30, frequency=5)
+    tx = optim.block_sparse_adam(1e-1, SHAPES, 4.0, begin=0, end=30, frequency=5)
     params = make_params()
     state = tx.init(params)
 
-    @jax.jit  # one compile instead of op-by-op dispatch of 40 steps
+    @jax.jit
     def step(params, state):
         u, state = tx.update(jax.grad(grow)(params, X), state, params)
         new = optax.apply_updates(params, u)
@@ -193,12 +235,13 @@ def test_pruning_is_monotone_and_pruned_weights_get_no_update():
 def test_vmapped_pruning_follows_each_settings_own_count():
     # Under vmap the mask branch runs when any setting is on schedule (any_setting); a setting
     # whose own count is off schedule must keep its masks exactly.
-    tx = optim.gradual_block_pruning(SHAPES, 4.0, begin=0, end=20, frequency=10)
+    tx = optim.block_sparse_adam(1e-2, SHAPES, 4.0, begin=0, end=20, frequency=10)
     params = make_params()
     g = jax.grad(loss)(params, X)
 
     def one(count):
-        state = tx.init(params)._replace(count=count)
+        state = tx.init(params)
+        state = state._replace(adam=state.adam._replace(count=count))
         return tx.update(g, state, params)
 
     counts = jnp.array([10, 11, 20], jnp.int32)  # on, off, on (the forced end) the schedule
@@ -206,98 +249,8 @@ def test_vmapped_pruning_follows_each_settings_own_count():
     for i, c in enumerate([10, 11, 20]):
         u, s = jax.jit(one)(jnp.asarray(c, jnp.int32))
         for a, b in zip(jax.tree.leaves((u_v, s_v)), jax.tree.leaves((u, s))):
+            np.testing.assert_allclose(a[i], b, rtol=1e-6, atol=1e-7)
+        for a, b in zip(jax.tree.leaves(s_v.masks), jax.tree.leaves(s.masks)):
             np.testing.assert_array_equal(a[i], b)
     kept = np.asarray(s_v.masks["a"]["kernel"]).reshape(3, -1).sum(1)
     assert kept[1] == 8 and kept[0] < 8 and kept[2] == 2  # the off-schedule setting kept all
-
-
-def _kernels(tree):
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, _: optim.path_str(kp).endswith("kernel"), tree
-    )
-
-
-@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
-def test_fused_adam_equals_the_chain_through_all_phases(weight_decay):
-    # block_sparse_adam is block_sparse_chain around Adam(W) fused for speed: same prox (strong
-    # enough here to zero blocks before pruning), same masks, same moments, same weights.
-    def lr(count):
-        return 3e-2 * (1.0 - count / 40.0)
-
-    kw = dict(prox_strength=lambda c: lr(c) * 20.0, begin=8, end=20, frequency=4)
-    if weight_decay:
-        inner = optax.adamw(lr, weight_decay=weight_decay, mask=_kernels)
-    else:
-        inner = optax.adam(lr)
-    chain = optim.block_sparse_chain(inner, SHAPES, 4.0, **kw)
-    fused = optim.block_sparse_adam(
-        lr, SHAPES, 4.0, weight_decay=weight_decay, decay_mask=_kernels, **kw
-    )
-    p_c, s_c = run(chain, 8)
-    assert (block_norms(p_c["a"]["kernel"], (4, 4)) == 0).any()  # the prox zeroed blocks
-    for steps, direct in ((8, False), (8, True), (30, False), (30, True)):
-        p_c, s_c = run(chain, steps)
-        p_f, s_f = run(fused, steps, direct=direct)
-        for a, b in zip(jax.tree.leaves(p_c), jax.tree.leaves(p_f)):
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-        for a, b in zip(jax.tree.leaves(optim.find_masks(s_c)), jax.tree.leaves(s_f.masks)):
-            np.testing.assert_array_equal(a, b)
-        adam_c = s_c.inner_state[0][0]
-        for name in ("mu", "nu"):
-            for a, b in zip(
-                jax.tree.leaves(getattr(adam_c, name)), jax.tree.leaves(getattr(s_f.adam, name))
-            ):
-                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
-    assert float(s_f.masks["a"]["kernel"].mean()) == pytest.approx(0.25)
-
-
-def test_fused_adam_prox_branch_skipped_after_begin_and_under_vmap():
-    # Off the prox phase the branch returns ones: a huge strength changes nothing then.
-    def final(strength, steps):
-        tx = optim.block_sparse_adam(
-            1e-2, SHAPES, 2.0, prox_strength=strength, begin=3, end=6, frequency=3
-        )
-        return run(tx, steps)[0]["a"]["kernel"]
-
-    weak, strong = final(0.0, 3), final(100.0, 3)
-    assert (np.asarray(strong) == 0).all() and not (np.asarray(weak) == 0).all()
-
-    def from_step(strength):
-        tx = optim.block_sparse_adam(
-            1e-2, SHAPES, 2.0, prox_strength=strength, begin=0, end=0, frequency=1
-        )
-        params = make_params()
-        u, _ = tx.update(jax.grad(loss)(params, X), tx.init(params), params)
-        return optax.apply_updates(params, u)["a"]["kernel"]
-
-    ks = jax.jit(jax.vmap(from_step))(jnp.array([0.0, 100.0]))
-    np.testing.assert_array_equal(ks[0], ks[1])  # begin=0: no prox step at all
-    with pytest.raises(ValueError, match="begin"):
-        optim.block_sparse_adam(1e-2, SHAPES, 2.0, begin=5, end=1)
-
-
-def test_apply_step_returns_the_new_parameters():
-    # block_sparse_adam hands back the new parameters (apply); its update is new - params, so
-    # optax's params + update lands on them up to rounding. Other transforms go through
-    # update + apply_updates.
-    fused = optim.block_sparse_adam(1e-1, SHAPES, 2.0, prox_strength=4.5, begin=5, end=8)
-    assert isinstance(fused, optim.ParamsTransformation)
-    params = make_params()
-    g = jax.grad(loss)(params, X)
-    state = fused.init(params)
-    new, s_new = optim.apply_step(fused, g, state, params)
-    u, s_upd = fused.update(g, state, params)
-    via_update = optax.apply_updates(params, u)
-    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(via_update)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    for a, b in zip(jax.tree.leaves(s_new), jax.tree.leaves(s_upd)):
-        np.testing.assert_array_equal(a, b)
-    kernel = np.asarray(new["a"]["kernel"])
-    zeroed = np.asarray(block_norms(kernel, (4, 4))) == 0
-    assert zeroed.any() and not zeroed.all()  # the prox zeroed some blocks, shrank the rest
-    assert not np.array_equal(kernel, np.asarray(params["a"]["kernel"]))
-    sgd = optax.sgd(0.5)
-    new_sgd, _ = optim.apply_step(sgd, g, sgd.init(params), params)
-    np.testing.assert_allclose(
-        new_sgd["a"]["kernel"], params["a"]["kernel"] - 0.5 * g["a"]["kernel"], rtol=1e-6
-    )

@@ -1,12 +1,10 @@
 import math
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qsparse.reductions import tree_sum
 from qsparse.sparsity import (
     block_mask,
     block_norms,
@@ -58,61 +56,6 @@ def test_top_k_keep_nan_ranks_last_and_k_traced():
         [True, False, True, True],
         [True, True, True, True],
     ]
-
-
-@pytest.mark.parametrize("shape,axis", [((7, 5), 0), ((3, 13, 4), 1), ((6, 11), 1), ((1, 3), 0)])
-def test_tree_sum_equals_sum(shape, axis):
-    x = jax.random.normal(jax.random.key(4), shape)
-    got = tree_sum(x, axis)
-    assert got.shape == np.sum(np.asarray(x), axis).shape
-    np.testing.assert_allclose(got, np.sum(np.asarray(x, np.float64), axis), rtol=1e-5, atol=1e-6)
-
-
-def _tree_reference(x, axis, until=1):
-    """The pairwise order tree_sum promises, in numpy float32: each level adds the first half
-    to the second; an odd level's last row joins the first slot."""
-    x = np.moveaxis(np.asarray(x, np.float32), axis, 0)
-    while x.shape[0] > until:
-        half = x.shape[0] // 2
-        pair = x[:half] + x[half : 2 * half]
-        if x.shape[0] % 2:
-            pair[0] = pair[0] + x[-1]
-        x = pair
-    return x[0] if until == 1 else np.moveaxis(x, 0, axis)
-
-
-@pytest.mark.parametrize(
-    "rows,until,left", [(1024, 256, 256), (784, 256, 196), (49, 8, 6), (5, 8, 5)]
-)
-def test_tree_sum_until_keeps_the_partial_sums(rows, until, left):
-    # The LSQ step gradient folds a kernel's rows to at most 256 in fused loops, then one
-    # reduce op finishes the sum.
-    x = jax.random.normal(jax.random.key(rows), (3, rows, 24)) * 100.0
-    got = np.asarray(jax.jit(lambda x: tree_sum(x, 1, until=until))(x))
-    assert got.shape == (3, left, 24)
-    want = _tree_reference(x, 1, until)
-    assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
-    with pytest.raises(ValueError, match="until=0"):
-        tree_sum(x, 1, until=0)
-
-
-@pytest.mark.parametrize("rows", [784, 49, 6, 3, 1024, 100])
-def test_tree_sum_keeps_its_order_bit_for_bit(rows):
-    # The study's numbers are reproducible bit for bit: the LSQ step gradient sums a kernel's
-    # rows (784 for the first layer) in exactly this order.
-    x = jax.random.normal(jax.random.key(rows), (rows, 24)) * 100.0
-    got = np.asarray(jax.jit(lambda x: tree_sum(x, 0))(x))
-    want = _tree_reference(x, 0)
-    assert got.view(np.uint32).tolist() == want.view(np.uint32).tolist()
-
-
-def test_tree_sum_of_784_rows_writes_no_full_size_array():
-    # Fused with its summand into one loop, a 784-row sum must not write the summand out (an
-    # odd level joined by concatenation made XLA write it out and sum it twice).
-    x = jnp.ones((784, 256))
-    hlo = jax.jit(lambda x: tree_sum(jnp.round(x * 3.0) * x, 0)).lower(x).compile().as_text()
-    assert re.findall(r"= f32\[\d+,256\]\S* fusion", hlo), "no fused loop found"
-    assert not re.findall(r"= f32\[784,256\]\S* fusion", hlo)
 
 
 def test_block_norms_match_numpy():

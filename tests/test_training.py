@@ -16,17 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # get exactly what it gets alone.
 _CHECK = r"""
 import sys
-import jax, jax.numpy as jnp, numpy as np, optax
+import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from qsparse import optim, training
 
 mode, counts = sys.argv[1], [int(c) for c in sys.argv[2].split(",")]
-tx = optim.gradual_block_pruning({"a": (4, 4)}, 4.0, begin=0, end=20, frequency=10)
+tx = optim.block_sparse_adam(1e-2, {"a": (4, 4)}, 4.0, begin=0, end=20, frequency=10)
 params = {"a": jax.random.normal(jax.random.key(0), (16, 8))}
 g = {"a": jax.random.normal(jax.random.key(1), (16, 8))}
 
 def one(count, g):
-    state = tx.init(params)._replace(count=count)
+    state = tx.init(params)
+    state = state._replace(adam=state.adam._replace(count=count))
     return tx.update(g, state, params)
 
 mesh = Mesh(np.array(jax.devices()), ("settings",))
@@ -37,19 +38,14 @@ assert len(got[1].masks["a"].sharding.device_set) == len(jax.devices())
 for i, n in enumerate(counts):
     want = jax.jit(one)(jnp.asarray(n, jnp.int32), g)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b))
+        np.testing.assert_allclose(np.asarray(a)[i], np.asarray(b), rtol=1e-6, atol=1e-7)
 kept = np.asarray(got[1].masks["a"]).reshape(len(counts), -1).sum(1)
-# No step of a device waits on another: no cross-device reduction in the program, where one
-# global vmap sharded by jit needs an all-reduce for the "any setting" branch predicate.
-per, rep = NamedSharding(mesh, P("settings")), NamedSharding(mesh, P())
-ours = batched.lower(c, g).compile().as_text().count(" all-reduce(")
-glob = jax.jit(jax.vmap(one, in_axes=(0, None)), in_shardings=(per, rep)).lower(c, g)
-print(" ".join(str(int(k)) for k in kept), ours, glob.compile().as_text().count(" all-reduce("))
+print(" ".join(str(int(k)) for k in kept))
 """
 
 
 def _run(mode: str, counts: str, devices: int) -> list[int]:
-    """Masks' kept blocks per setting, then all-reduce ops in ours and in a jit-sharded vmap."""
+    """Masks' kept blocks per setting."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
@@ -67,11 +63,10 @@ def _run(mode: str, counts: str, devices: int) -> list[int]:
 
 @pytest.mark.parametrize("mode", ["vmap", "map"])
 def test_each_setting_gets_what_it_gets_alone_on_two_devices(mode):
-    *kept, ours, global_vmap = _run(mode, "10,11,12,13", devices=2)
+    kept = _run(mode, "10,11,12,13", devices=2)
     # The on-schedule setting pruned; the off-schedule ones (one beside it on device 0, two
     # on device 1) kept all 8 blocks of their masks.
     assert kept[0] < 8 and kept[1:] == [8, 8, 8]
-    assert ours == 0 and global_vmap >= 1
 
 
 def test_bad_vectorize_is_refused():
