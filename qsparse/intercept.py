@@ -289,11 +289,7 @@ def _eval(jaxpr, consts, args, origin, nonneg, hook, counter):
         if site is not None:
             site = dataclasses.replace(site, order=counter[0])
             counter[0] += 1
-        with eqn.ctx.manager:
-            if site is not None and hook is not None:
-                ans = hook(site, eqn.primitive, invals, bind_params)
-            else:
-                ans = eqn.primitive.bind(*invals, **bind_params)
+        ans = _bind(eqn, invals, bind_params, site, hook)
         outs = ans if eqn.primitive.multiple_results else [ans]
         oflags = _eqn_nonneg(eqn, flags)
         for v, val, f in zip(eqn.outvars, outs, oflags):
@@ -305,6 +301,14 @@ def _eval(jaxpr, consts, args, origin, nonneg, hook, counter):
         [flag(v) for v in jaxpr.outvars],
         [source(v) for v in jaxpr.outvars],
     )
+
+
+def _bind(eqn, invals, bind_params, site, hook):
+    """Runs one equation: through ``hook`` at a covered site, else as it is."""
+    with eqn.ctx.manager:
+        if site is not None and hook is not None:
+            return hook(site, eqn.primitive, invals, bind_params)
+        return eqn.primitive.bind(*invals, **bind_params)
 
 
 def _site(name: str, srcs: list, flags: list) -> Site | None:

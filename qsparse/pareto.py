@@ -239,42 +239,18 @@ def plot_front(
 
     label_fn = default_label if label_fn is None else label_fn
     xs, ys = _column(rows, x), _column(rows, y)
-    front = [int(i) for i in front]
-    for i in front:
-        if not 0 <= i < len(rows):
-            raise IndexError(f"front index {i} out of range for {len(rows)} rows")
+    front = _front_indices(front, len(rows))
 
     fig = Figure(figsize=(7.0, 4.8), layout="constrained")
     ax = fig.add_subplot()
     ok = np.isfinite(xs) & np.isfinite(ys)
     ax.scatter(xs[ok], ys[ok], s=18, color="0.7", label=f"all designs ({int(ok.sum())})", zorder=1)
-
     shown = [i for i in front if ok[i]]
     shown.sort(key=lambda i: (xs[i], ys[i], i))
     if shown:
         fx, fy = xs[shown], ys[shown]
-        ax.step(fx, fy, where=where, color="tab:red", lw=1.2, zorder=2)
-        ax.scatter(
-            fx,
-            fy,
-            s=36,
-            color="tab:red",
-            edgecolor="black",
-            lw=0.5,
-            zorder=3,
-            label=f"Pareto front ({len(shown)})",
-        )
-        for i in shown:
-            text = label_fn(rows[i])
-            if text:
-                ax.annotate(
-                    str(text),
-                    (xs[i], ys[i]),
-                    xytext=(4, 4),
-                    textcoords="offset points",
-                    fontsize=7,
-                    zorder=4,
-                )
+        _draw_front(ax, fx, fy, where)
+        _annotate(ax, [label_fn(rows[i]) for i in shown], fx, fy)
     if logx and ok.any() and (xs[ok] > 0).all():
         ax.set_xscale("log")
     ax.set_xlabel(x)
@@ -284,6 +260,44 @@ def plot_front(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return fig
+
+
+def _front_indices(front: Sequence[int], n: int) -> list[int]:
+    """``front`` as ints; IndexError for one out of range for ``n`` rows."""
+    front = [int(i) for i in front]
+    for i in front:
+        if not 0 <= i < n:
+            raise IndexError(f"front index {i} out of range for {n} rows")
+    return front
+
+
+def _draw_front(ax, fx: np.ndarray, fy: np.ndarray, where: str) -> None:
+    """The front's staircase and its points, over the grey designs."""
+    ax.step(fx, fy, where=where, color="tab:red", lw=1.2, zorder=2)
+    ax.scatter(
+        fx,
+        fy,
+        s=36,
+        color="tab:red",
+        edgecolor="black",
+        lw=0.5,
+        zorder=3,
+        label=f"Pareto front ({len(fx)})",
+    )
+
+
+def _annotate(ax, labels: Sequence, fx: np.ndarray, fy: np.ndarray) -> None:
+    """Writes each non-empty label next to its point."""
+    for text, px, py in zip(labels, fx, fy):
+        if text:
+            ax.annotate(
+                str(text),
+                (px, py),
+                xytext=(4, 4),
+                textcoords="offset points",
+                fontsize=7,
+                zorder=4,
+            )
 
 
 def _cell(value, float_fmt: str) -> str:

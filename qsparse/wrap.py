@@ -644,13 +644,28 @@ class Plan:
         }
 
     def kernel_paths(self, prefix: tuple[str, ...] = ()) -> dict[str, str]:
-        """Layer name -> ``/``-joined weight path (as in :meth:`block_shapes`)."""
+        """The weight path of every layer.
+
+        Args:
+          prefix: path of the params collection inside the trainable tree.
+
+        Returns:
+          Layer name -> ``/``-joined weight path (as in :meth:`block_shapes`).
+        """
         return {
             name: "/".join(str(p) for p in (*prefix, *lp.path)) for name, lp in self.layers.items()
         }
 
     def compressions(self, spec, prefix: tuple[str, ...] = ()) -> dict:
-        """Per-weight compression values keyed like :meth:`block_shapes`."""
+        """The spec's compression of every block-sparse weight.
+
+        Args:
+          spec: the spec.
+          prefix: path of the params collection inside the trainable tree.
+
+        Returns:
+          Per-weight compression values keyed like :meth:`block_shapes`.
+        """
         paths = self.kernel_paths(prefix)
         return {
             paths[n]: spec[n]["compression"]
@@ -683,7 +698,16 @@ class Plan:
           ValueError: a bad value in ``spec``.
         """
         self.check_spec(spec)
-        covered = {lp.path: (name, lp) for name, lp in self.layers.items()}
+        per_module, zero_blocks, all_blocks = self._module_memory(spec, params)
+        out = mem.summarize(per_module, self._activation_memory(spec, input_bits))
+        out["layers"] = per_module
+        out["num_params"] = sum(e["params"] for e in per_module.values())
+        out["block_sparsity"] = jnp.asarray(zero_blocks, jnp.float32) / max(all_blocks, 1)
+        return out
+
+    def _module_memory(self, spec, params) -> tuple[dict, Any, int]:
+        """Bits of every parameter and state leaf by module, and the zero and total blocks."""
+        covered = {lp.path: lp for lp in self.layers.values()}
         per_module: dict[str, dict] = {}
         zero_blocks, all_blocks = 0, 0
 
@@ -696,35 +720,16 @@ class Plan:
             size = int(np.prod(shape))
             e = entry("/".join(str(p) for p in path[:-1]))
             e["params"] += size
+            e["fp32"] += size * mem.FP_BITS
             if path not in covered:
                 e["other"] = e["other"] + size * _dtype_bits(dtype)
-                e["fp32"] += size * mem.FP_BITS
                 continue
-            name, lp = covered[path]
-            grid = lp.block_grid
-            kept = None
-            if grid is not None:
-                n_blocks = grid[0] * grid[1]
-                if params is None:
-                    kept = sparsity.kept_blocks(n_blocks, spec[name]["compression"])
-                else:
-                    norms = sparsity.block_norms(get_path(params, path), lp.rule.block_shape)
-                    kept = jnp.sum(norms > 0).astype(jnp.int32)
+            lm, n_blocks, kept = _covered_memory(covered[path], spec, params)
+            if n_blocks:
                 zero_blocks = zero_blocks + (n_blocks - kept)
                 all_blocks += n_blocks
-            lm = mem.layer_memory(
-                lp.kernel_shape,
-                0,
-                w_bits=spec[name]["w_bits"],
-                kept=kept,
-                block_shape=lp.rule.block_shape,
-                per_channel=lp.rule.per_channel,
-                a_bits=spec[name]["a_bits"],
-                act_quantized=lp.act_quantized,
-            )
             for k in ("codes", "index", "scales"):
                 e[k] = e[k] + lm[k]
-            e["fp32"] += size * mem.FP_BITS
         for path, (shape, dtype) in self.state_shapes.items():
             e = entry("/".join(str(p) for p in path[1:-1]))
             size = int(np.prod(shape))
@@ -732,23 +737,50 @@ class Plan:
             e["fp32"] += size * mem.FP_BITS
         for e in per_module.values():
             e["total"] = e["codes"] + e["index"] + e["scales"] + e["other"]
+        return per_module, zero_blocks, all_blocks
+
+    def _activation_memory(self, spec, input_bits: int):
+        """The activation buffers of :func:`qsparse.memory.activation_memory`."""
         # Every matmul / convolution input is a buffer (lookups have none), 32 bits unquantized.
         ordered = sorted(
             (lp for lp in self.layers.values() if lp.in_size and not lp.reads_input),
             key=lambda lp: lp.order,
         )
-        acts = mem.activation_memory(
+        return mem.activation_memory(
             self.input_size,
             [lp.in_size for lp in ordered] + [self.output_size],
             [spec[lp.name]["a_bits"] if lp.act_quantized else FULL for lp in ordered]
             + [mem.FP_BITS],
             input_bits=input_bits,
         )
-        out = mem.summarize(per_module, acts)
-        out["layers"] = per_module
-        out["num_params"] = sum(e["params"] for e in per_module.values())
-        out["block_sparsity"] = jnp.asarray(zero_blocks, jnp.float32) / max(all_blocks, 1)
-        return out
+
+
+def _covered_memory(lp: LayerPlan, spec, params) -> tuple[dict, int, Any]:
+    """A covered weight's codes, index and scale bits, its block count (0: dense) and kept blocks.
+
+    Kept blocks are the blocks of ``params``' weight that are not entirely zero, or without
+    params the target ``ceil(n_blocks / compression)``.
+    """
+    grid = lp.block_grid
+    kept, n_blocks = None, 0
+    if grid is not None:
+        n_blocks = grid[0] * grid[1]
+        if params is None:
+            kept = sparsity.kept_blocks(n_blocks, spec[lp.name]["compression"])
+        else:
+            norms = sparsity.block_norms(get_path(params, lp.path), lp.rule.block_shape)
+            kept = jnp.sum(norms > 0).astype(jnp.int32)
+    lm = mem.layer_memory(
+        lp.kernel_shape,
+        0,
+        w_bits=spec[lp.name]["w_bits"],
+        kept=kept,
+        block_shape=lp.rule.block_shape,
+        per_channel=lp.rule.per_channel,
+        a_bits=spec[lp.name]["a_bits"],
+        act_quantized=lp.act_quantized,
+    )
+    return lm, n_blocks, kept
 
 
 def _dtype_bits(dtype) -> int:
@@ -821,16 +853,51 @@ def make_plan(
     params_boxed = variables.pop("params", {})
     params = nn.meta.unbox(params_boxed)
     state = nn.meta.unbox(variables)
-    boxed = any(
-        isinstance(v, nn.meta.AxisMetadata)
-        for v in jax.tree.leaves(
-            params_boxed, is_leaf=lambda v: isinstance(v, nn.meta.AxisMetadata)
-        )
-    )
     paths = _leaf_paths(params)
     shapes = jax.tree.leaves(params)
+    tr, seen, out_shape = _record_uses(adapter, params, state, x)
+    if not seen:
+        raise ValueError(
+            f"{type(model).__name__} has no covered operation: qsparse quantizes matmuls and"
+            " convolutions whose weight is a parameter (Dense, DenseGeneral, Einsum, Conv,"
+            " Linear, LinearGeneral) and embedding lookups (Embed); add such a layer, or wrap"
+            " only models that have one"
+        )
+    names = _layer_names([paths[i] for i in seen])
+    used = [False] * len(rules)
+    layers: dict[str, LayerPlan] = {}
+    for i in sorted(seen, key=lambda i: seen[i][0][0].order):
+        name = names[paths[i]]
+        rule = _match_rule(rules, name, used)
+        layers[name] = _layer_plan(name, paths[i], rule, shapes[i], seen[i])
+    hidden = sorted("/".join(map(str, paths[i])) for i in tr.hidden if i not in seen)
+    _check_rules_used(rules, used, list(names.values()), hidden)
+    y = out_shape[0]
+    return Plan(
+        layers=layers,
+        input_size=int(np.prod(x.shape[1:])),
+        params_shapes={p: (tuple(s.shape), s.dtype) for p, s in zip(paths, shapes)},
+        state_shapes=_inference_state_shapes(state),
+        output_size=int(np.prod(y.shape[1:])) if hasattr(y, "shape") else 0,
+        model=adapter,
+        boxes=params_boxed if _is_boxed(params_boxed) else None,
+    )
 
-    # One evaluation with a recording hook finds the covered operations and their operands.
+
+def _is_boxed(params_boxed) -> bool:
+    """Whether ``init`` gave the params with partitioning metadata."""
+    is_box = lambda v: isinstance(v, nn.meta.AxisMetadata)  # noqa: E731
+    return any(is_box(v) for v in jax.tree.leaves(params_boxed, is_leaf=is_box))
+
+
+def _record_uses(adapter, params, state, x):
+    """One evaluation with a recording hook: the covered operations and their operands.
+
+    Returns:
+      ``(trace, seen, out_shape)``: the :func:`qsparse.intercept.trace`, param index ->
+      ``[(site, activation operand or None, bind params), ...]`` in use order, and the
+      output's shape.
+    """
     rng = jax.random.key(0)
     tr = intercept.trace(
         lambda p, s, xx, r: adapter.apply(p, s, xx, r, True), params, state, x, rng
@@ -846,61 +913,63 @@ def make_plan(
         return intercept.evaluate(tr, record, p, s, xx, r, input_arg=1)
 
     out_shape = jax.eval_shape(run, params, state, x, rng)
-    if not seen:
+    return tr, seen, out_shape
+
+
+def _match_rule(rules: Sequence[Rule], name: str, used: list[bool]) -> Rule:
+    """The first rule whose pattern matches ``name`` (marked in ``used``), else a float one."""
+    for j, r in enumerate(rules):
+        if re.fullmatch(r.pattern, name):
+            used[j] = True
+            return r
+    return Rule(pattern=re.escape(name))
+
+
+def _layer_plan(name: str, path: tuple, rule: Rule, kernel, uses: list) -> LayerPlan:
+    """The :class:`LayerPlan` of one covered weight from its recorded uses.
+
+    Raises:
+      ValueError: a block shape that does not divide the weight, or ``int_matmul`` on a
+        layer that is not ``x @ kernel``.
+    """
+    kshape = tuple(kernel.shape)
+    if rule.block_shape is not None:
+        sparsity.check_block_shape(kshape, rule.block_shape, f"{name}.block_shape")
+    acts = [(s, a, bp) for s, a, bp in uses if s.kind != intercept.GATHER]
+    signed = rule.a_signed
+    if signed is None:
+        signed = not all(s.nonneg for s, _, _ in acts)
+    if rule.int_matmul and not _int_matmul_form(acts, kernel):
         raise ValueError(
-            f"{type(model).__name__} has no covered operation: qsparse quantizes matmuls and"
-            " convolutions whose weight is a parameter (Dense, DenseGeneral, Einsum, Conv,"
-            " Linear, LinearGeneral) and embedding lookups (Embed); add such a layer, or wrap"
-            " only models that have one"
+            f"int_matmul on {name} is not allowed: it needs a layer that computes"
+            " x @ kernel with a 2-D float32 kernel and default precision (nn.Dense,"
+            " nnx.Linear)"
         )
-    names = _layer_names([paths[i] for i in seen])
-    used = [False] * len(rules)
-    layers: dict[str, LayerPlan] = {}
-    for i in sorted(seen, key=lambda i: seen[i][0][0].order):
-        uses = seen[i]
-        path = paths[i]
-        name = names[path]
-        rule = Rule(pattern=re.escape(name))
-        for j, r in enumerate(rules):
-            if re.fullmatch(r.pattern, name):
-                used[j] = True
-                rule = r
-                break
-        kshape = tuple(shapes[i].shape)
-        if rule.block_shape is not None:
-            sparsity.check_block_shape(kshape, rule.block_shape, f"{name}.block_shape")
-        acts = [(s, a, bp) for s, a, bp in uses if s.kind != intercept.GATHER]
-        signed = rule.a_signed
-        if signed is None:
-            signed = not all(s.nonneg for s, _, _ in acts)
-        int_mm = rule.int_matmul
-        if int_mm and (
-            not acts
-            or not all(
-                _dense_form(s, [a, shapes[i]] if s.weight == 1 else [shapes[i], a], bp)
-                for s, a, bp in acts
-            )
-        ):
-            raise ValueError(
-                f"int_matmul on {name} is not allowed: it needs a layer that computes"
-                " x @ kernel with a 2-D float32 kernel and default precision (nn.Dense,"
-                " nnx.Linear)"
-            )
-        first = acts[0] if acts else None
-        layers[name] = LayerPlan(
-            name=name,
-            path=path,
-            rule=rule,
-            kernel_shape=kshape,
-            ops=tuple(dict.fromkeys(s.kind for s, _, _ in uses)),
-            act_quantized=bool(acts) and rule.a_bits < FULL,
-            a_signed=bool(signed),
-            in_size=int(np.prod(first[1].shape[1:])) if first else 0,
-            reads_input=bool(first and first[0].reads_input),
-            order=uses[0][0].order,
-            int_matmul=int_mm,
-        )
-    hidden = sorted("/".join(map(str, paths[i])) for i in tr.hidden if i not in seen)
+    first = acts[0] if acts else None
+    return LayerPlan(
+        name=name,
+        path=path,
+        rule=rule,
+        kernel_shape=kshape,
+        ops=tuple(dict.fromkeys(s.kind for s, _, _ in uses)),
+        act_quantized=bool(acts) and rule.a_bits < FULL,
+        a_signed=bool(signed),
+        in_size=int(np.prod(first[1].shape[1:])) if first else 0,
+        reads_input=bool(first and first[0].reads_input),
+        order=uses[0][0].order,
+        int_matmul=rule.int_matmul,
+    )
+
+
+def _int_matmul_form(acts: list, kernel) -> bool:
+    """Whether every use of a weight with an activation operand is ``x @ kernel``."""
+    return bool(acts) and all(
+        _dense_form(s, [a, kernel] if s.weight == 1 else [kernel, a], bp) for s, a, bp in acts
+    )
+
+
+def _check_rules_used(rules: Sequence[Rule], used: list[bool], names: list, hidden: list):
+    """ValueError naming the first rule that matches no layer."""
     for j, r in enumerate(rules):
         if not used[j]:
             also = (
@@ -910,24 +979,17 @@ def make_plan(
                 else ""
             )
             raise ValueError(
-                f"rule pattern={r.pattern!r} matches no layer: layers are"
-                f" {list(names.values())}{also}"
+                f"rule pattern={r.pattern!r} matches no layer: layers are {names}{also}"
             )
-    state_shapes = {}
-    for path, leaf in zip(_leaf_paths(state), jax.tree.leaves(state)):
-        if not _is_inference_state(path, leaf):
-            continue
-        state_shapes[path] = (tuple(leaf.shape), leaf.dtype)
-    y = out_shape[0]
-    return Plan(
-        layers=layers,
-        input_size=int(np.prod(x.shape[1:])),
-        params_shapes={p: (tuple(s.shape), s.dtype) for p, s in zip(paths, shapes)},
-        state_shapes=state_shapes,
-        output_size=int(np.prod(y.shape[1:])) if hasattr(y, "shape") else 0,
-        model=adapter,
-        boxes=params_boxed if boxed else None,
-    )
+
+
+def _inference_state_shapes(state) -> dict:
+    """``(collection, *path)`` -> ``(shape, dtype)`` of the state leaves inference needs."""
+    return {
+        path: (tuple(leaf.shape), leaf.dtype)
+        for path, leaf in zip(_leaf_paths(state), jax.tree.leaves(state))
+        if _is_inference_state(path, leaf)
+    }
 
 
 def _is_inference_state(path, leaf) -> bool:
