@@ -5,24 +5,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from qsparse import data as qdata
 from qsparse import models, quant, sparsity, training, wrap
-
-ALLOWED_BITS = quant.ALLOWED_BITS
+from qsparse import settings as qsettings
 
 
 class ConfigError(ValueError):
@@ -33,13 +29,36 @@ class ConfigError(ValueError):
 # Validation: every check runs before any data is read or any array is made.
 
 
-def _bits_ok(v) -> bool:
-    return isinstance(v, (int, float)) and float(v) == int(v) and int(v) in ALLOWED_BITS
-
-
 def _check(cond: bool, field: str, value, allowed: str):
     if not cond:
         raise ConfigError(f"{field}={value!r} is not allowed: {allowed}")
+
+
+def check_setting_value(kind: str, field: str, value) -> None:
+    """Checks one setting value held in a config field, by the library's rule for it.
+
+    Args:
+      kind: which value (one of ``qsparse.settings.FIELDS``: ``w_bits``, ``a_bits``,
+        ``compression``, ``learning_rate``, ``prox_strength``).
+      field: the config field that holds it (named in the error).
+      value: the value.
+
+    Raises:
+      ConfigError: one line naming the field, the value and what is allowed.
+    """
+    try:
+        qsettings.check_setting({kind: value}, {kind: field})
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_override(kind: str, field: str, value, zero: str) -> None:
+    """A first or last layer's own value: 0 (meaning ``zero``) or a value the library allows."""
+    if value != 0:
+        try:
+            check_setting_value(kind, field, value)
+        except ConfigError as e:
+            raise ConfigError(f"{e}; or 0 ({zero})") from None
 
 
 def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None) -> None:
@@ -52,33 +71,35 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
     Raises:
       ConfigError: one line naming the field, the value and what is allowed.
     """
-    bits = f"use one of {ALLOWED_BITS} (32 = float)"
     _check(
         config.dataset in qdata.DATASETS, "dataset", config.dataset, f"use one of {qdata.DATASETS}"
     )
-    _check(
-        config.model.name in models.MODELS,
-        "model.name",
-        config.model.name,
-        f"use one of {models.MODELS}",
-    )
-    hidden = tuple(config.model.hidden)
+    _validate_model(config.model)
+    _validate_quant(config.quant)
+    _validate_sparsity(config.sparsity)
+    _validate_schedule(config, num_train)
+    _validate_paths(config)
+
+
+def _validate_model(m) -> None:
+    _check(m.name in models.MODELS, "model.name", m.name, f"use one of {models.MODELS}")
+    hidden = tuple(m.hidden)
     _check(
         all(isinstance(h, int) and h > 0 for h in hidden),
         "model.hidden",
         hidden,
         "use positive integers, e.g. --config.model.hidden='(512, 512)'",
     )
-    channels = tuple(config.model.channels)
-    if config.model.name != "mlp":
+    channels = tuple(m.channels)
+    if m.name != "mlp":
         _check(
             len(channels) > 0 and all(isinstance(ch, int) and ch > 0 for ch in channels),
             "model.channels",
             channels,
             "use positive integers, e.g. --config.model.channels='(16, 32, 64)'",
         )
-    if config.model.name == "resnet":
-        depth = config.model.get("depth", 8)
+    if m.name == "resnet":
+        depth = m.get("depth", 8)
         _check(
             models.resnet_blocks(depth, len(channels)) is not None,
             "model.depth",
@@ -86,34 +107,36 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
             f"use 2 + 2 * blocks * len(model.channels) with blocks >= 1, e.g."
             f" {2 + 2 * len(channels)} or {2 + 6 * len(channels)}",
         )
-    _check(_bits_ok(config.quant.w_bits), "quant.w_bits", config.quant.w_bits, bits)
-    _check(_bits_ok(config.quant.a_bits), "quant.a_bits", config.quant.a_bits, bits)
-    for f in ("first_w_bits", "last_w_bits", "first_a_bits"):
-        v = config.quant[f]
-        _check(v == 0 or _bits_ok(v), f"quant.{f}", v, "use 0 (same as w_bits) or " + bits[7:])
+
+
+def _validate_quant(q) -> None:
+    check_setting_value("w_bits", "quant.w_bits", q.w_bits)
+    check_setting_value("a_bits", "quant.a_bits", q.a_bits)
+    for f, kind, zero in (
+        ("first_w_bits", "w_bits", "the same as quant.w_bits"),
+        ("last_w_bits", "w_bits", "the same as quant.w_bits"),
+        ("first_a_bits", "a_bits", "the data as it is"),
+    ):
+        _check_override(kind, f"quant.{f}", q[f], zero)
     _check(
-        config.quant.scale_mode in quant.SCALE_MODES,
+        q.scale_mode in quant.SCALE_MODES,
         "quant.scale_mode",
-        config.quant.scale_mode,
+        q.scale_mode,
         f"use one of {quant.SCALE_MODES}",
     )
-    _check(config.quant.act_clip > 0, "quant.act_clip", config.quant.act_clip, "use a value > 0")
+    _check(q.act_clip > 0, "quant.act_clip", q.act_clip, "use a value > 0")
     _check(
-        not config.quant.get("bf16_grads", False) or config.quant.get("int_matmul", False),
+        not q.get("bf16_grads", False) or q.get("int_matmul", False),
         "quant.bf16_grads",
-        config.quant.get("bf16_grads", False),
+        q.get("bf16_grads", False),
         "use False, or set quant.int_matmul=True (the bfloat16 backward multiplies its codes)",
     )
-    s = config.sparsity
-    for f in ("compression",):
-        _check(
-            isinstance(s[f], (int, float)) and math.isfinite(s[f]) and s[f] >= 1,
-            f"sparsity.{f}",
-            s[f],
-            "use a ratio >= 1 (1 = dense)",
-        )
+
+
+def _validate_sparsity(s) -> None:
+    check_setting_value("compression", "sparsity.compression", s.compression)
     for f in ("first_compression", "last_compression"):
-        _check(s[f] == 0 or s[f] >= 1, f"sparsity.{f}", s[f], "use 0 (same as compression) or >= 1")
+        _check_override("compression", f"sparsity.{f}", s[f], "the same as sparsity.compression")
     for f in ("block_shape", "first_block_shape", "last_block_shape"):
         bs = tuple(s[f])
         _check(
@@ -129,8 +152,13 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
             s.compression,
             "block compression needs sparsity.block_shape; use 1 without blocks",
         )
-    _check(s.prox_strength >= 0, "sparsity.prox_strength", s.prox_strength, "use a value >= 0")
+    check_setting_value("prox_strength", "sparsity.prox_strength", s.prox_strength)
     _check(s.scope in ("layer", "global"), "sparsity.scope", s.scope, "use 'layer' or 'global'")
+    _check(s.prune_every_steps >= 1, "sparsity.prune_every_steps", s.prune_every_steps, "use >= 1")
+
+
+def _validate_schedule(config, num_train: int | None) -> None:
+    s = config.sparsity
     _check(
         isinstance(config.num_epochs, int) and config.num_epochs >= 1,
         "num_epochs",
@@ -143,7 +171,6 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
         (s.prune_begin_epoch, s.prune_end_epoch),
         f"need 0 <= begin <= end <= num_epochs={config.num_epochs}",
     )
-    _check(s.prune_every_steps >= 1, "sparsity.prune_every_steps", s.prune_every_steps, "use >= 1")
     _check(
         isinstance(config.batch_size, int) and config.batch_size >= 1,
         "batch_size",
@@ -157,10 +184,20 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
             config.batch_size,
             f"use at most the {num_train} training examples of {config.dataset}",
         )
-    _check(config.learning_rate > 0, "learning_rate", config.learning_rate, "use a value > 0")
+    check_setting_value("learning_rate", "learning_rate", config.learning_rate)
     _check(config.warmup_epochs >= 0, "warmup_epochs", config.warmup_epochs, "use >= 0")
     _check(config.weight_decay >= 0, "weight_decay", config.weight_decay, "use >= 0")
     _check(0 <= config.distill.weight <= 1, "distill.weight", config.distill.weight, "use 0..1")
+    _check(
+        config.checkpoint_every_epochs >= 1,
+        "checkpoint_every_epochs",
+        config.checkpoint_every_epochs,
+        "use >= 1",
+    )
+    _check(config.keep_checkpoints >= 1, "keep_checkpoints", config.keep_checkpoints, "use >= 1")
+
+
+def _validate_paths(config) -> None:
     if config.distill.weight > 0:
         _check(
             bool(config.distill.teacher_workdir)
@@ -169,13 +206,6 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
             config.distill.teacher_workdir,
             "use the workdir of a finished run (it has results.json)",
         )
-    _check(
-        config.checkpoint_every_epochs >= 1,
-        "checkpoint_every_epochs",
-        config.checkpoint_every_epochs,
-        "use >= 1",
-    )
-    _check(config.keep_checkpoints >= 1, "keep_checkpoints", config.keep_checkpoints, "use >= 1")
     if config.idx_dir:
         _check(
             Path(config.idx_dir).is_dir(),
@@ -185,33 +215,146 @@ def validate(config: ml_collections.ConfigDict, *, num_train: int | None = None)
         )
 
 
-def parse_flags(argv):
-    """absl flags parser for the CLIs: a bad flag or config field is one line and exit 2.
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+HELP_FLAGS = ("--help", "-help", "-h", "-?", "--helpshort", "--helpfull", "--helpxml")
 
-    config_flags raises AttributeError/KeyError for unknown fields and ValueError for bad
-    literals, with multi-line messages; a new user needs the field and the fix, no traceback.
+
+def config_files(cli: str) -> list[str]:
+    """The config files a CLI runs: those whose docstring shows ``python -m experiments.CLI``.
+
+    Args:
+      cli: ``"train"`` or ``"sweep"``.
+
+    Returns:
+      Their paths as a user types them from the current directory, sorted.
+    """
+    out = []
+    for p in sorted(CONFIG_DIR.glob("*.py")):
+        if f"python -m experiments.{cli} " in p.read_text():
+            rel = os.path.relpath(p)
+            out.append(str(p) if rel.startswith("..") else rel)
+    return out
+
+
+def _flag_value(args: list[str], name: str) -> str | None:
+    """The last value of ``--name=V`` / ``--name V`` in ``args`` (absl keeps the last one)."""
+    value = None
+    for i, a in enumerate(args):
+        if a == "--":
+            break
+        if a.startswith(f"--{name}="):
+            value = a.split("=", 1)[1]
+        elif a == f"--{name}" and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def _load_config_file(path: str):
+    """Imports a config file and returns its ``get_config()`` (what config_flags loads)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_qsparse_checked_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def check_config_args(argv: list[str], cli: str) -> str | None:
+    """Checks a CLI's ``--config`` and ``--config.FIELD`` arguments before absl parses them.
+
+    ml_collections' config_flags loads the file lazily and reports a missing file or an
+    unknown field as a chain of tracebacks; this reads the file itself, once, so each problem
+    is one line naming the flag, the value and what is allowed.
+
+    Args:
+      argv: the command line (``argv[0]`` the program).
+      cli: ``"train"`` or ``"sweep"``: which configs to offer.
+
+    Returns:
+      The error line (without ``error: ``), or None when the arguments are fine.
+    """
+    args = list(argv[1:])
+    if any(a in HELP_FLAGS for a in args):
+        return None
+    allowed = f"use one of {', '.join(config_files(cli))}"
+    value = _flag_value(args, "config")
+    if value is None:
+        return f"--config is required: {allowed}"
+    path = value.split(":", 1)[0]  # config_flags passes what follows ':' to get_config
+    if not path.endswith(".py") or not Path(path).is_file():
+        what = "no such file" if not Path(path).exists() else "not a Python config file"
+        return f"--config={value}: {what}; {allowed}"
+    try:
+        config = _load_config_file(path)
+    except Exception as e:  # noqa: BLE001 - a broken config file is reported, not traced
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"--config={value}: cannot load it ({type(e).__name__}: {first})"
+    if cli == "train" and "sweep" in config:
+        return (
+            f"--config={value} is a sweep config: run it with python -m experiments.sweep, "
+            f"or train one of {', '.join(config_files('train'))}"
+        )
+    for a in args:
+        if a == "--":
+            break
+        for prefix in ("--config.", "--noconfig."):
+            if a.startswith(prefix):
+                problem = _check_field(config, a[len(prefix) :].split("=", 1)[0])
+                if problem:
+                    return f"{a}: {problem}"
+    return None
+
+
+def _check_field(config, dotted: str) -> str | None:
+    """Why ``dotted`` (e.g. ``quant.w_bits``) names no field of ``config``, or None."""
+    import difflib
+
+    node, parts = config, dotted.split(".")
+    for i, part in enumerate(parts):
+        if "[" in part or "(" in part:
+            return None  # an element of a list: config_flags checks it
+        here = ".".join(parts[: i + 1])
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"{'.'.join(parts[:i])} is a value, not a group of fields"
+        if part not in node:
+            close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1)
+            group = ".".join(parts[:i])
+            hint = (
+                f"; did you mean {(group + '.' if group else '') + close[0]!r}?"
+                if close
+                else "; configs/base.py lists the fields"
+            )
+            return f"no such config field {here!r}{hint}"
+        node = node[part]
+    return None
+
+
+def parse_flags(argv, cli: str | None = None):
+    """absl flags parser for the CLIs: a bad flag, config file or config field is one line
+    naming it and what is allowed, and exit status 2 (no traceback).
 
     Args:
       argv: the command line.
+      cli: ``"train"`` or ``"sweep"`` for a CLI with a ``--config`` flag (its file and
+        ``--config.FIELD`` overrides are checked first, see :func:`check_config_args`).
 
     Returns:
       The arguments left after the flags.
     """
     from absl import flags
 
-    try:
-        return flags.FLAGS(argv)
-    except Exception as e:  # noqa: BLE001 - every parse failure becomes one line
-        msg = " ".join(str(e).replace("\\n", " ").split())
-        if len(msg) > 1 and msg[0] == msg[-1] and msg[0] in "'\"":
-            msg = msg[1:-1]
-        m = re.match(r"^\\?'(\w+)\\?' Did you mean (.*)$", msg) or re.match(r"^'?(\w+)'?$", msg)
-        if m:
-            arg = next((a for a in argv if a.startswith("--config.") and m.group(1) in a), None)
-            hint = f"; did you mean {m.group(2)}" if m.lastindex and m.lastindex > 1 else ""
-            msg = f"{arg or m.group(1)}: no such config field {m.group(1)!r}{hint}"
-        print(f"error: {msg}", file=sys.stderr)
-        sys.exit(2)
+    problem = check_config_args(argv, cli) if cli else None
+    if problem is None:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            problem = str(e)
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
+            # config_flags applying an override (e.g. an element past a list's end).
+            arg = next((a for a in argv[1:] if a.startswith("--config.")), "--config")
+            problem = f"{arg}: {type(e).__name__}: {e}"
+    print(f"error: {' '.join(problem.split())}", file=sys.stderr)
+    sys.exit(2)
 
 
 def cli_start(flag_values) -> None:
@@ -492,8 +635,30 @@ def epoch_key(seed: int, epoch: int):
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), epoch)
 
 
+def readable(x, digits: int = 6) -> float:
+    """``x`` rounded to ``digits`` significant digits, for results a person reads (NaN and
+    infinities stay as they are).
+
+    Args:
+      x: a number.
+      digits: significant digits kept.
+
+    Returns:
+      The float.
+    """
+    return float(f"{float(x):.{digits}g}")
+
+
+def readable_row(row: dict, digits: int = 6) -> dict:
+    """A dict with its floats rounded by :func:`readable` (ints, bools and text as they are)."""
+    return {k: readable(v, digits) if isinstance(v, float) else v for k, v in row.items()}
+
+
 def result_metrics(run: Run, state, spec, test_accuracy: float) -> dict:
     """The results.json metrics (memory from the trained, pruned weights).
+
+    Bits are ints; accuracy and ratios are rounded for reading (6 significant digits for the
+    accuracy, 4 for ratios and fractions).
 
     Args:
       run: the run.
@@ -502,7 +667,11 @@ def result_metrics(run: Run, state, spec, test_accuracy: float) -> dict:
       test_accuracy: measured accuracy.
 
     Returns:
-      dict of plain Python numbers.
+      dict of plain Python numbers: ``block_compression`` is the config's target block
+      compression (``sparsity.compression``), ``weight_compression`` FP32 dense weight memory
+      over this model's (codes, block index, scales, biases), ``peak_activation_bits`` the
+      largest input+output buffer pair of one layer, ``total_activation_bits`` every
+      activation buffer, and ``total_memory_bits`` weights + peak activations.
     """
     # Count what is deployed: the quantized kernels (quantization can empty a kept block).
     deployed = run.plan.transform_params(
@@ -511,20 +680,22 @@ def result_metrics(run: Run, state, spec, test_accuracy: float) -> dict:
     mem = run.plan.memory(spec["layers"], deployed)
     first = run.layer_names[0]
     return {
-        "test_accuracy": float(test_accuracy),
-        "w_bits": float(spec["layers"][first]["w_bits"]),
-        "a_bits": float(run.config.quant.a_bits),
-        "compression": float(run.config.sparsity.compression),
-        "block_sparsity": float(mem["block_sparsity"]),
+        "test_accuracy": readable(test_accuracy),
+        "w_bits": int(round(float(spec["layers"][first]["w_bits"]))),
+        "a_bits": int(round(float(run.config.quant.a_bits))),
+        "block_compression": readable(run.config.sparsity.compression, 4),
+        "block_sparsity": readable(mem["block_sparsity"], 4),
         "weight_memory_bits": int(mem["weight_memory_bits"]),
         "fp32_weight_memory_bits": int(mem["fp32_weight_memory_bits"]),
-        "weight_compression": float(mem["fp32_weight_memory_bits"])
-        / float(mem["weight_memory_bits"]),
+        "weight_compression": readable(
+            float(mem["fp32_weight_memory_bits"]) / float(mem["weight_memory_bits"]), 4
+        ),
         "codes_bits": int(mem["codes_bits"]),
         "index_bits": int(mem["index_bits"]),
         "scale_bits": int(mem["scale_bits"]),
         "other_bits": int(mem["other_bits"]),
-        "activation_memory_bits": int(mem["activation_memory_bits"]),
+        "peak_activation_bits": int(mem["activation_memory_bits"]),
+        "total_activation_bits": int(mem["activation_total_bits"]),
         "total_memory_bits": int(mem["total_memory_bits"]),
         "num_params": int(mem["num_params"]),
     }
@@ -666,86 +837,45 @@ def restore_checkpoint(mgr, abstract_state, log=logging.warning):
     )
 
 
-def _install_tf_free_summary_writer() -> None:
-    """Lets ``clu.metric_writers`` import without TensorFlow.
+class MetricWriter:
+    """Writes a run's metrics as TensorBoard event files in its workdir, with tensorboardX.
 
-    CLU's package imports its TF-based SummaryWriter eagerly; TensorFlow is not a dependency
-    here, so the name is bound to a tensorboardX-backed writer that writes the same event files.
+    The CLIs print their own progress lines; this keeps the curves (and the config, as text)
+    for TensorBoard or any event-file reader. TensorFlow is not needed.
     """
-    name = "clu.metric_writers.summary_writer"
-    if name in sys.modules:
-        return
-    try:
-        import tensorflow  # noqa: F401
 
-        return
-    except ImportError:
-        pass
-    mod = types.ModuleType(name)
-    mod.SummaryWriter = TensorboardXWriter
-    sys.modules[name] = mod
-
-
-class TensorboardXWriter:
-    """A CLU-compatible metric writer that writes TensorBoard event files with tensorboardX."""
-
-    def __init__(self, logdir: str):
+    def __init__(self, logdir):
         from tensorboardX import SummaryWriter
 
-        self._w = SummaryWriter(logdir)
+        self._w = SummaryWriter(str(logdir))
 
-    def write_summaries(self, step, values, metadata=None):
-        for k, v in values.items():
-            self._w.add_scalar(k, np.asarray(v).item(), int(step))
-
-    def write_scalars(self, step, scalars):
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        """One point per scalar at ``step``."""
         for k, v in scalars.items():
             self._w.add_scalar(k, float(v), int(step))
 
-    def write_images(self, step, images):
-        for k, v in images.items():
-            self._w.add_images(k, np.asarray(v), int(step), dataformats="NHWC")
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        for k, v in texts.items():
-            self._w.add_text(k, str(v), int(step))
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        for k, v in arrays.items():
-            self._w.add_histogram(k, np.asarray(v), int(step))
-
-    def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
-        pass
-
-    def write_hparams(self, hparams):
+    def write_hparams(self, hparams: dict) -> None:
+        """The run's config, as JSON text under the tag ``hparams``."""
         self._w.add_text("hparams", json.dumps(hparams, default=str), 0)
 
-    def flush(self):
+    def flush(self) -> None:
         self._w.flush()
 
-    def close(self):
+    def close(self) -> None:
         self._w.close()
 
 
-def make_writer(workdir: Path):
-    """CLU's default writer: console logging plus TensorBoard event files in ``workdir``.
+def make_writer(workdir: Path) -> MetricWriter:
+    """The metric writer of a run: TensorBoard event files (``events.out.tfevents.*``) in
+    ``workdir``.
 
     Args:
       workdir: the run directory.
 
     Returns:
-      A CLU ``MetricWriter``.
+      A :class:`MetricWriter`.
     """
-    _install_tf_free_summary_writer()
-    from clu import metric_writers
-
-    return metric_writers.create_default_writer(str(workdir), asynchronous=False)
+    return MetricWriter(workdir)
 
 
 def fmt_time(seconds: float) -> str:
@@ -766,13 +896,19 @@ def restore_run(workdir) -> tuple[Run, dict, Any, dict]:
       ``(run, spec, state, results)``; ``results`` is results.json's content (or {}).
 
     Raises:
-      FileNotFoundError: no config.json or no checkpoint.
+      FileNotFoundError: no config.json or no checkpoint, or a sweep's workdir (open one of
+        its designs with ``experiments.sweep.load_setting``).
     """
     workdir = Path(workdir)
     cfg_path = workdir / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"workdir={str(workdir)!r} has no config.json: not a qsparse run")
     config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    if "sweep" in config:
+        raise FileNotFoundError(
+            f"workdir={str(workdir)!r} is a sweep, not a training run: open one of its designs "
+            "with experiments.sweep.load_setting(workdir, setting)"
+        )
     for f in ("block_shape", "first_block_shape", "last_block_shape"):
         config.sparsity[f] = tuple(config.sparsity[f])
     run = build_run(config)

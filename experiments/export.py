@@ -2,6 +2,11 @@ r"""Exports a trained run to qsparse's bit-packed model file and checks it.
 
   python -m experiments.export --workdir=runs/joint --output=runs/joint/model.qsp
   python -m experiments.export --check=runs/joint/model.qsp --workdir=runs/joint
+  python -m experiments.export --workdir=runs/smoke --setting=3   # one design of a sweep
+
+A sweep's workdir holds every design's weights stacked per chunk: ``--setting N`` (the
+``setting`` column of its results.csv) exports design N, by default to
+WORKDIR/setting_N.qsp.
 
 Prints the payload (codes + index + scales + biases) next to the memory model's
 weight_memory_bits / 8, the file size, the compression against FP32, then loads the file back,
@@ -23,9 +28,20 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     """Defines the CLI flags (only when run as a program, so modules can share flag names)."""
-    flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
-    flags.DEFINE_string("output", None, "The packed model file (default WORKDIR/model.qsp).")
+    flags.DEFINE_string(
+        "workdir", None, "A training run's directory (config.json, checkpoints/), or a sweep's."
+    )
+    flags.DEFINE_string(
+        "output",
+        None,
+        "The packed model file (default WORKDIR/model.qsp, or WORKDIR/setting_N.qsp).",
+    )
     flags.DEFINE_string("check", None, "Only load and evaluate this packed file (with --workdir).")
+    flags.DEFINE_integer(
+        "setting",
+        None,
+        "For a sweep's workdir: the design to export (the setting column of results.csv).",
+    )
 
 
 # How each data set's images are uint8 and which examples are the test split (docs/FORMAT.md
@@ -110,12 +126,72 @@ def export_meta(workdir, dataset: str, ds, test_accuracy: float, results: dict) 
     return meta
 
 
-def export_run(workdir, output) -> dict:
-    """Writes the packed model of a run and verifies it against the trained model.
+def is_sweep(workdir) -> bool:
+    """Whether ``workdir`` holds a sweep (its config.json has a ``sweep`` block)."""
+    import json
+
+    path = Path(workdir) / "config.json"
+    return path.exists() and "sweep" in json.loads(path.read_text())
+
+
+def open_design(workdir, setting: int | None = None):
+    """The trained model of a training run, or of one design of a sweep.
 
     Args:
-      workdir: the run directory.
+      workdir: a training run's or a sweep's directory.
+      setting: for a sweep, the design (the ``setting`` column of its results.csv); None for
+        a training run.
+
+    Returns:
+      ``(run, spec, state, results)``: ``results`` is the run's results.json content, or the
+      design's results.csv row ({} when absent).
+
+    Raises:
+      common.ConfigError: a sweep without ``setting``, a setting out of range, or
+        ``setting`` for a training run.
+      FileNotFoundError: not a qsparse workdir, or no checkpoint.
+    """
+    from experiments import common, sweep
+
+    if not is_sweep(workdir):
+        if setting is not None:
+            raise common.ConfigError(
+                f"--setting={setting}: workdir={str(workdir)!r} is a training run, not a sweep; "
+                "leave --setting out"
+            )
+        return common.restore_run(workdir)
+    n = len(sweep.enumerate_settings(sweep.read_config(workdir)))
+    if setting is None:
+        raise common.ConfigError(
+            f"workdir={str(workdir)!r} is a sweep of {n} settings: pass --setting=N "
+            f"(0..{n - 1}, the setting column of its results.csv) to export one design"
+        )
+    if not 0 <= setting < n:
+        raise common.ConfigError(
+            f"--setting={setting} is not allowed: workdir={str(workdir)!r} is a sweep of {n} "
+            f"settings, use 0..{n - 1}"
+        )
+    run, spec, state = sweep.load_setting(workdir, setting)
+    results = {}
+    csv_path = Path(workdir) / "results.csv"
+    if csv_path.exists():
+        results = next((r for r in sweep.read_results(csv_path) if r["setting"] == setting), {})
+    return run, spec, state, results
+
+
+def default_output(workdir, setting: int | None = None) -> Path:
+    """WORKDIR/model.qsp for a training run, WORKDIR/setting_N.qsp for design N of a sweep."""
+    return Path(workdir) / ("model.qsp" if setting is None else f"setting_{setting}.qsp")
+
+
+def export_run(workdir, output, setting: int | None = None) -> dict:
+    """Writes the packed model of a run (or of one design of a sweep) and verifies it against
+    the trained model.
+
+    Args:
+      workdir: the run directory, or a sweep's.
       output: the file to write.
+      setting: for a sweep's workdir, the design to export (see :func:`open_design`).
 
     Returns:
       dict with the sizes, compression, accuracies, the max logit difference and the
@@ -125,17 +201,18 @@ def export_run(workdir, output) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from experiments import common
     from qsparse import data as qdata
     from qsparse import export, training
 
-    run, spec, state, results = common.restore_run(workdir)
+    run, spec, state, results = open_design(workdir, setting)
     ds = run.dataset
     x = qdata.normalize(jnp.asarray(ds.test_x))
     fn = jax.jit(lambda xb: training.logits_fn(run.model, run.plan, state.params, spec, xb))
     ref = np.concatenate([np.asarray(fn(x[i : i + 1000])) for i in range(0, len(x), 1000)])
     trained_accuracy = float(np.mean(ref.argmax(-1) == ds.test_y))
     meta = export_meta(workdir, run.config.dataset, ds, trained_accuracy, results)
+    if setting is not None:
+        meta["setting"] = int(setting)
     info = export.save(
         output,
         run.plan,
@@ -168,15 +245,15 @@ def main(argv):
         if FLAGS.workdir is None:
             raise common.ConfigError("--workdir is required: the training run to export")
         if FLAGS.check:
-            run = common.build_run(common.restore_run(FLAGS.workdir)[0].config)
+            run = open_design(FLAGS.workdir, FLAGS.setting)[0]
             packed = export.load(FLAGS.check)
             acc = packed.accuracy(run.dataset.test_x, run.dataset.test_y)
             recorded = packed.manifest.get("meta", {}).get("test_accuracy")
             note = "" if recorded is None else f" (recorded at export {recorded:.4f})"
             print(f"{FLAGS.check}: {packed.file_bytes} bytes, test accuracy {acc:.4f}{note}")
             return
-        output = Path(FLAGS.output or Path(FLAGS.workdir) / "model.qsp")
-        r = export_run(FLAGS.workdir, output)
+        output = Path(FLAGS.output or default_output(FLAGS.workdir, FLAGS.setting))
+        r = export_run(FLAGS.workdir, output, FLAGS.setting)
     except (common.ConfigError, FileNotFoundError, export.FormatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

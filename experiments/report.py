@@ -12,10 +12,18 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import re
 from pathlib import Path
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+# Result names before they said what they are (files written before the rename still read).
+RENAMED = {"compression": "block_compression", "activation_memory_bits": "peak_activation_bits"}
+
+
+def _renamed(row: dict) -> dict:
+    """``row`` with the old result names replaced by the current ones (RENAMED)."""
+    return {RENAMED.get(k, k) if RENAMED.get(k) not in row else k: v for k, v in row.items()}
 
 
 def _csv(path: Path) -> list[dict]:
@@ -29,12 +37,12 @@ def _csv(path: Path) -> list[dict]:
                 out[k] = float(v)
             except (TypeError, ValueError):
                 out[k] = v
-        rows.append(out)
+        rows.append(_renamed(out))
     return rows
 
 
 def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+    return _renamed(json.loads(path.read_text())) if path.exists() else None
 
 
 def pct(x: float) -> str:
@@ -83,46 +91,79 @@ def build(results: Path) -> tuple[str, dict]:
     grid = _csv(results / "grid" / "results.csv")
     gpareto = _csv(results / "grid" / "pareto.csv")
     shapes = _csv(results / "shapes" / "results.csv")
-    lines, nums = [], {}
-    lines.append("| claim (seed) | our measurement | agrees? |")
-    lines.append("|---|---|---|")
-
-    base = a["dense_fp32"]
-    if base:
-        nums["fp32"] = base["test_accuracy"]
-        lines.append(
-            f"| FP32 dense baseline, MLP 784-512-512-10 | {pct(base['test_accuracy'])} test "
-            f"accuracy, {base['weight_memory_bits'] / 8 / 1024:.0f} KiB of weights | — |"
-        )
+    seeds = _seed_gaps(results / "anchors")
     gbase = next(
-        (r for r in grid if r["w_bits"] == 32 and r["a_bits"] == 32 and r["compression"] == 1), None
+        (
+            r
+            for r in grid
+            if r["w_bits"] == 32 and r["a_bits"] == 32 and r["block_compression"] == 1
+        ),
+        None,
     )
+    nums = {}
+    lines = ["| claim (seed) | our measurement | agrees? |", "|---|---|---|"]
+    lines += _baseline_row(a["dense_fp32"], nums)
     if grid and gbase:
-        q = _best_within(
-            [r for r in grid if r["compression"] == 1 and r["w_bits"] < 32], gbase["test_accuracy"]
-        )
-        if q:
-            red = gbase["weight_memory_bits"] / q["weight_memory_bits"]
-            nums["quant_only_reduction"] = red
-            lines.append(
-                f"| quantization only: about 16X | lowest weight memory within 1 point of the "
-                f"grid's FP32 ({pct(gbase['test_accuracy'])}): w{q['w_bits']:g}/a{q['a_bits']:g}, "
-                f"{pct(q['test_accuracy'])}, **{red:.1f}X** | "
-                f"{'more than the seed' if red > 20 else ('yes' if red >= 12 else 'no')} |"
-            )
-        s = [r for r in grid if r["w_bits"] == 32 and r["a_bits"] == 32]
-        ok = [r for r in s if r["test_accuracy"] >= gbase["test_accuracy"] - 0.01]
-        if ok:
-            best = max(ok, key=lambda r: r["compression"])
-            red = gbase["weight_memory_bits"] / best["weight_memory_bits"]
-            nums["sparse_only_reduction"] = red
-            lines.append(
-                f"| sparsity only: about 2X | highest block compression within 1 point: "
-                f"{best['compression']:g}X blocks, {pct(best['test_accuracy'])}, **{red:.1f}X** "
-                f"weight memory (index counted) | "
-                f"{'yes' if 1.5 <= red <= 3 else ('more than the seed' if red > 3 else 'no')} |"
-            )
-    j = a["joint"]
+        lines += _quant_only_row(grid, gbase, nums) + _sparse_only_row(grid, gbase, nums)
+    lines += _joint_rows(a, seeds, nums)
+    if grid and gbase:
+        lines += _best_joint_row(grid, gbase, nums)
+    lines += _shape_rows(shapes)
+    if gpareto:
+        lines += _pareto_row(grid, gpareto, nums)
+    if levers and a["joint"]:
+        lines += _lever_table(levers, a["joint"], seeds)
+    return "\n".join(lines) + "\n", nums
+
+
+def _baseline_row(base, nums: dict) -> list[str]:
+    if not base:
+        return []
+    nums["fp32"] = base["test_accuracy"]
+    return [
+        f"| FP32 dense baseline, MLP 784-512-512-10 | {pct(base['test_accuracy'])} test "
+        f"accuracy, {base['weight_memory_bits'] / 8 / 1024:.0f} KiB of weights | — |"
+    ]
+
+
+def _quant_only_row(grid, gbase, nums: dict) -> list[str]:
+    q = _best_within(
+        [r for r in grid if r["block_compression"] == 1 and r["w_bits"] < 32],
+        gbase["test_accuracy"],
+    )
+    if not q:
+        return []
+    red = gbase["weight_memory_bits"] / q["weight_memory_bits"]
+    nums["quant_only_reduction"] = red
+    return [
+        f"| quantization only: about 16X | lowest weight memory within 1 point of the "
+        f"grid's FP32 ({pct(gbase['test_accuracy'])}): w{q['w_bits']:g}/a{q['a_bits']:g}, "
+        f"{pct(q['test_accuracy'])}, **{red:.1f}X** | "
+        f"{'more than the seed' if red > 20 else ('yes' if red >= 12 else 'no')} |"
+    ]
+
+
+def _sparse_only_row(grid, gbase, nums: dict) -> list[str]:
+    s = [r for r in grid if r["w_bits"] == 32 and r["a_bits"] == 32]
+    ok = [r for r in s if r["test_accuracy"] >= gbase["test_accuracy"] - 0.01]
+    if not ok:
+        return []
+    best = max(ok, key=lambda r: r["block_compression"])
+    red = gbase["weight_memory_bits"] / best["weight_memory_bits"]
+    nums["sparse_only_reduction"] = red
+    return [
+        f"| sparsity only: about 2X | highest block compression within 1 point: "
+        f"{best['block_compression']:g}X blocks, {pct(best['test_accuracy'])}, "
+        f"**{red:.1f}X** "
+        f"weight memory (index counted) | "
+        f"{'yes' if 1.5 <= red <= 3 else ('more than the seed' if red > 3 else 'no')} |"
+    ]
+
+
+def _joint_rows(a: dict, seeds, nums: dict) -> list[str]:
+    """The joint anchor against FP32, over the seeds, and the one-lever anchors."""
+    lines = []
+    j, base = a["joint"], a["dense_fp32"]
     if j and base:
         gap = 100 * (base["test_accuracy"] - j["test_accuracy"])
         nums["joint_gap"] = gap
@@ -133,7 +174,6 @@ def build(results: Path) -> tuple[str, dict]:
             f"**{j['weight_compression']:.1f}X** weight memory (index and scales counted) | "
             f"{'yes' if j['weight_compression'] >= 50 and gap <= 1.5 else 'no'} |"
         )
-    seeds = _seed_gaps(results / "anchors")
     if len(seeds) > 1:
         gaps = [g for _, _, g in seeds]
         nums["joint_gaps"] = gaps
@@ -153,18 +193,27 @@ def build(results: Path) -> tuple[str, dict]:
                 f"| {label}, MLP 784-512-512-10 | {pct(r['test_accuracy'])}, "
                 f"{r['weight_compression']:.1f}X | — |"
             )
-    if grid and gbase:
-        joint = [r for r in grid if r["w_bits"] < 32 and r["compression"] > 1]
-        ok = [r for r in joint if r["test_accuracy"] >= gbase["test_accuracy"] - 0.01]
-        if ok:
-            best = max(ok, key=lambda r: r["weight_compression"])
-            nums["best_joint"] = best
-            lines.append(
-                f"| best joint setting (seed: 2/2/4X) | highest compression within 1 point on the "
-                f"grid: w{best['w_bits']:g}/a{best['a_bits']:g}/{best['compression']:g}X, "
-                f"{pct(best['test_accuracy'])}, {best['weight_compression']:.1f}X | "
-                f"{'yes' if (best['w_bits'], best['compression']) == (2, 4) else 'differs'} |"
-            )
+    return lines
+
+
+def _best_joint_row(grid, gbase, nums: dict) -> list[str]:
+    joint = [r for r in grid if r["w_bits"] < 32 and r["block_compression"] > 1]
+    ok = [r for r in joint if r["test_accuracy"] >= gbase["test_accuracy"] - 0.01]
+    if not ok:
+        return []
+    best = max(ok, key=lambda r: r["weight_compression"])
+    nums["best_joint"] = best
+    return [
+        f"| best joint setting (seed: 2/2/4X) | highest compression within 1 point on the "
+        f"grid: w{best['w_bits']:g}/a{best['a_bits']:g}/{best['block_compression']:g}X, "
+        f"{pct(best['test_accuracy'])}, {best['weight_compression']:.1f}X | "
+        f"{'yes' if (best['w_bits'], best['block_compression']) == (2, 4) else 'differs'}"
+        " |"
+    ]
+
+
+def _shape_rows(shapes) -> list[str]:
+    lines = []
     for bits in ((2, 2), (32, 32)):
         by = {}
         for r in shapes:
@@ -181,68 +230,107 @@ def build(results: Path) -> tuple[str, dict]:
                 f"matched kept "
                 f"weights: {desc} | {'yes' if win.startswith('deep') else 'no: ' + win + ' wins'} |"
             )
-    if gpareto:
-        tot = [r for r in gpareto if r["frontier"] == "total"]
-        wt = [r for r in gpareto if r["frontier"] == "weight"]
-        hi_t = sum(r["compression"] >= 8 for r in tot)
-        hi_w = sum(r["compression"] >= 8 for r in wt)
-        nums["pareto"] = (len(wt), len(tot))
-        lines.append(
-            f"| Pareto-optimal set: 11 designs; activation memory matters at high sparsity | "
-            f"{len(grid)} designs → {len(wt)} Pareto-optimal on weight memory, {len(tot)} on "
-            f"weights + activations; designs with >= 8X blocks: {hi_w} → {hi_t} | "
-            f"{'yes' if hi_t < hi_w else 'partly'} |"
-        )
-    if levers and j:
-        lines.append("")
-        spread = ""
-        if len(seeds) > 1:
-            accs = [f - g / 100 for _, f, g in seeds]
-            spread = (
-                f" for scale, the joint recipe itself spans {100 * (max(accs) - min(accs)):.2f}"
-                f" points over {len(seeds)} seeds"
-            )
-        lines.append(
-            f"Levers on the joint 2/2/4X setting (one change each, seed 0){';' if spread else ''}"
-            f"{spread}:"
-        )
-        lines.append("")
-        lines.append("| lever | test accuracy | change vs joint |")
-        lines.append("|---|---|---|")
-        lines.append(
-            f"| joint recipe (LSQ steps, PACT clips, prox, 30 epochs, bfloat16 backward) | "
-            f"{pct(j['test_accuracy'])} | — |"
-        )
-        names = {
-            "max_scale": "max-abs step instead of learned (LSQ)",
-            "fixed_clip": "fixed activation clip instead of learned (PACT)",
-            "no_prox": "no proximal block lasso before pruning",
-            "balanced": "balanced blocks (equal per block row)",
-            "long_ft": "45 epochs (31 of fine-tuning) instead of 30",
-            "distill": "distillation from the FP32 anchor (weight 0.7, T=4)",
-            "f32_grads": "float32 backward matmuls instead of bfloat16 (quant.bf16_grads)",
-        }
-        for k, r in levers.items():
-            d = 100 * (r["test_accuracy"] - j["test_accuracy"])
-            lines.append(f"| {names.get(k, k)} | {pct(r['test_accuracy'])} | {d:+.2f} points |")
-    return "\n".join(lines) + "\n", nums
+    return lines
 
 
-def plot_anchors(results: Path, out: Path) -> None:
-    """Accuracy against weight memory for the anchors and the grid, one picture."""
+def _pareto_row(grid, gpareto, nums: dict) -> list[str]:
+    tot = [r for r in gpareto if r["frontier"] == "total"]
+    wt = [r for r in gpareto if r["frontier"] == "weight"]
+    hi_t = sum(r["block_compression"] >= 8 for r in tot)
+    hi_w = sum(r["block_compression"] >= 8 for r in wt)
+    nums["pareto"] = (len(wt), len(tot))
+    return [
+        f"| Pareto-optimal set: 11 designs; activation memory matters at high sparsity | "
+        f"{len(grid)} designs → {len(wt)} Pareto-optimal on weight memory, {len(tot)} on "
+        f"weights + activations; designs with >= 8X blocks: {hi_w} → {hi_t} | "
+        f"{'yes' if hi_t < hi_w else 'partly'} |"
+    ]
+
+
+_LEVERS = {
+    "max_scale": "max-abs step instead of learned (LSQ)",
+    "fixed_clip": "fixed activation clip instead of learned (PACT)",
+    "no_prox": "no proximal block lasso before pruning",
+    "balanced": "balanced blocks (equal per block row)",
+    "long_ft": "45 epochs (31 of fine-tuning) instead of 30",
+    "distill": "distillation from the FP32 anchor (weight 0.7, T=4)",
+    "f32_grads": "float32 backward matmuls instead of bfloat16 (quant.bf16_grads)",
+}
+
+
+def _lever_table(levers: dict, j: dict, seeds) -> list[str]:
+    """The levers on the joint setting, one change each, as a table after the claims."""
+    spread = ""
+    if len(seeds) > 1:
+        accs = [f - g / 100 for _, f, g in seeds]
+        spread = (
+            f" for scale, the joint recipe itself spans {100 * (max(accs) - min(accs)):.2f}"
+            f" points over {len(seeds)} seeds"
+        )
+    lines = [
+        "",
+        f"Levers on the joint 2/2/4X setting (one change each, seed 0){';' if spread else ''}"
+        f"{spread}:",
+        "",
+        "| lever | test accuracy | change vs joint |",
+        "|---|---|---|",
+        f"| joint recipe (LSQ steps, PACT clips, prox, 30 epochs, bfloat16 backward) | "
+        f"{pct(j['test_accuracy'])} | — |",
+    ]
+    for k, r in levers.items():
+        d = 100 * (r["test_accuracy"] - j["test_accuracy"])
+        lines.append(f"| {_LEVERS.get(k, k)} | {pct(r['test_accuracy'])} | {d:+.2f} points |")
+    return lines
+
+
+def plot_anchors(results: Path, out: Path | None = None):
+    """Accuracy against weight memory for the anchors and the grid, one picture (study.png),
+    with the grid's Pareto front (least weight memory, most accuracy) drawn and labelled.
+
+    Args:
+      results: the experiments/results directory.
+      out: where to save the picture (None: not saved).
+
+    Returns:
+      The matplotlib ``Figure``.
+    """
     from matplotlib.figure import Figure
+
+    from qsparse import pareto
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
-    grid = _csv(results / "grid" / "results.csv")
+    grid = [
+        r
+        for r in _csv(results / "grid" / "results.csv")
+        if str(r.get("diverged", "false")).lower() != "true" and math.isfinite(r["test_accuracy"])
+    ]
     if grid:
         ax.scatter(
             [r["weight_memory_bits"] / 8192 for r in grid],
             [100 * r["test_accuracy"] for r in grid],
             s=12,
             c="0.7",
-            label="grid 784-256-256-10, 8 epochs",
+            label=f"grid 784-256-256-10, 8 epochs ({len(grid)} designs)",
         )
+        front = pareto.pareto_front(grid, {"weight_memory_bits": "min", "test_accuracy": "max"})
+        fx = [grid[i]["weight_memory_bits"] / 8192 for i in front]
+        fy = [100 * grid[i]["test_accuracy"] for i in front]
+        ax.step(fx, fy, where="post", color="tab:red", lw=1.2, zorder=2)
+        ax.scatter(
+            fx,
+            fy,
+            s=24,
+            color="tab:red",
+            edgecolor="black",
+            lw=0.5,
+            zorder=3,
+            label=f"Pareto front of the grid ({len(front)} designs)",
+        )
+        for i, x, y in zip(front, fx, fy):
+            r = grid[i]
+            text = f"w{r['w_bits']:g}/a{r['a_bits']:g}/{r['block_compression']:g}x"
+            ax.annotate(text, (x, y), xytext=(3, -9), textcoords="offset points", fontsize=6)
     for name, mark in (
         ("dense_fp32", "o"),
         ("quant_only", "s"),
@@ -257,15 +345,19 @@ def plot_anchors(results: Path, out: Path) -> None:
                 s=80,
                 marker=mark,
                 label=f"{name} 784-512-512-10, 30 epochs",
+                zorder=4,
             )
     ax.set_xscale("log")
     ax.set_xlabel("weight memory (KiB, codes + index + scales + biases)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(bottom=max(ax.get_ylim()[0], 70))
+    ax.set_title("Fashion-MNIST MLPs: test accuracy vs weight memory")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    if out is not None:
+        fig.savefig(out, dpi=120)
+    return fig
 
 
 def main(argv=None):

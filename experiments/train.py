@@ -13,10 +13,11 @@ Writes DIR/config.json, DIR/checkpoints/, TensorBoard events in DIR, DIR/results
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -30,9 +31,6 @@ def define_flags():
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
     flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds a run of another config.")
-    flags.DEFINE_integer(
-        "stop_after_epochs", 0, "Stop after this many epochs of this invocation (for tests)."
-    )
     flags.DEFINE_enum(
         "loop",
         "auto",
@@ -47,7 +45,6 @@ def train_and_evaluate(
     workdir,
     *,
     overwrite: bool = False,
-    stop_after_epochs: int = 0,
     loop: str = "auto",
     dataset=None,
 ):
@@ -57,19 +54,17 @@ def train_and_evaluate(
       config: the experiment config (validated here before anything is computed).
       workdir: run directory.
       overwrite: replace a workdir of another config.
-      stop_after_epochs: for tests: return after this many epochs of this call (0 = run all).
       loop: ``"auto"``, ``"scan"`` or ``"steps"``: the form of each epoch
         (``qsparse.training.pick_loop``).
       dataset: the config's data set, already loaded (else loaded here; ``scripts/bench.py``
         passes a cut one).
 
     Returns:
-      The results dict (also written to ``workdir/results.json``), or None when stopped early.
+      The results dict (also written to ``workdir/results.json``).
     """
     import jax
-    import jax.numpy as jnp
 
-    from experiments import common
+    from experiments import common, epochs
     from qsparse import data as qdata
     from qsparse import training
 
@@ -82,99 +77,133 @@ def train_and_evaluate(
     common.guard_workdir(workdir, config, overwrite)
 
     spec = common.make_spec(run)
-    state = common.init_state(run, spec, config.seed)
     teacher = _teacher_logits(config, ds) if config.distill.weight > 0 else None
     dev = qdata.to_device(ds)
     mgr = common.checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints)
-    history, start_epoch, train_seconds = [], 0, 0.0
-    restored = common.restore_checkpoint(mgr, state, log=logging.warning)
-    if restored is not None:
-        step, state, meta = restored
-        start_epoch = int(meta["epoch"])
-        history = list(meta.get("history", []))
-        train_seconds = float(meta.get("train_seconds", 0.0))
-        logging.info("resumed from checkpoint at step %d (epoch %d)", step, start_epoch)
-        print(f"resumed from step {step} (epoch {start_epoch})", flush=True)
-
+    state, progress = _resume(mgr, common.init_state(run, spec, config.seed))
     # A jitted scanned epoch, or a host loop of jitted steps; the state passed in is donated.
     epoch_fn = training.make_epoch_runner(
         run.model, run.plan, run.sched, config.batch_size, loop=loop
     )
     eval_fn = jax.jit(training.make_eval(run.model, run.plan, config.eval_batch_size))
     writer = common.make_writer(workdir)
-    if start_epoch == 0:
+    if progress.epoch == 0:
         writer.write_hparams(json.loads(common.config_json(config)))
-
-    total = config.num_epochs
-    done_now, times = 0, []
-    for epoch in range(start_epoch, total):
-        t0 = time.perf_counter()
-        key = common.epoch_key(config.seed, epoch)
-        state, m = epoch_fn(state, dev["train_x"], dev["train_y"], key, spec, teacher)
-        ev = eval_fn(state.params, spec, dev["test_x"], dev["test_y"], state.model_state)
-        m, ev = jax.device_get((m, ev))
-        dt = time.perf_counter() - t0
-        train_seconds += dt
-        step = int(state.step)
-        times.append(dt)
-        # The first epoch of a process includes compilation; estimate from the later ones.
-        typical = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else dt
-        rate = run.steps_per_epoch / dt
-        eta = (total - epoch - 1) * typical
-        comp = float(
-            training.optim.compression_schedule(
-                step, config.sparsity.compression, run.sched.prune_begin, run.sched.prune_end
-            )
+    try:
+        state = epochs.run_epochs(
+            state,
+            spec,
+            dev,
+            epoch_fn=functools.partial(epoch_fn, teacher=teacher),
+            eval_fn=eval_fn,
+            keys=lambda epoch: common.epoch_key(config.seed, epoch),
+            start=progress.epoch,
+            config=config,
+            mgr=mgr,
+            on_epoch=functools.partial(_log_epoch, run, writer, progress),
+            meta=progress.meta,
         )
-        row = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": float(m["loss"]),
-            "train_accuracy": float(m["accuracy"]),
-            "test_accuracy": float(ev["accuracy"]),
-            "test_loss": float(ev["loss"]),
-            "compression_now": comp if run.plan.block_shapes() else 1.0,
-            "steps_per_second": rate,
-        }
-        history.append(row)
-        writer.write_scalars(step, {k: v for k, v in row.items() if k not in ("epoch", "step")})
-        writer.write_scalars(step, {"eta_seconds": eta})
-        print(
-            f"epoch {epoch + 1}/{total} step {step} loss {row['train_loss']:.4f} "
-            f"train_acc {row['train_accuracy']:.4f} test_acc {row['test_accuracy']:.4f} "
-            f"compression {row['compression_now']:.2f}x {rate:.0f} steps/s "
-            f"ETA {common.fmt_time(eta)}",
-            flush=True,
-        )
-        if not bool(m["all_finite"]):
-            print(f"warning: loss became non-finite at step {int(m['first_nonfinite_step'])}")
-        if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == total:
-            meta = {"epoch": epoch + 1, "history": history, "train_seconds": train_seconds}
-            common.save_checkpoint(mgr, step, state, meta)
-        done_now += 1
-        if stop_after_epochs and done_now >= stop_after_epochs and epoch + 1 < total:
-            writer.flush()
-            return None
-    writer.flush()
+    finally:
+        writer.flush()
+    ev = epochs.evaluate(eval_fn, state, spec, dev)
+    return _write_results(workdir, run, state, spec, ev, progress)
 
-    ev = jax.device_get(
-        eval_fn(state.params, spec, dev["test_x"], dev["test_y"], state.model_state)
+
+@dataclasses.dataclass
+class _Progress:
+    """What a run has done so far: saved with each checkpoint (:meth:`meta`), or this
+    process's own epoch times (``times``, for the ETA)."""
+
+    epoch: int = 0
+    history: list = dataclasses.field(default_factory=list)
+    train_seconds: float = 0.0
+    times: list = dataclasses.field(default_factory=list)
+
+    def meta(self, epochs_done: int) -> dict:
+        return {"epoch": epochs_done, "history": self.history, "train_seconds": self.train_seconds}
+
+
+def _resume(mgr, state):
+    """The latest checkpoint's state and progress, or ``state`` and a fresh start."""
+    from experiments import common
+
+    restored = common.restore_checkpoint(mgr, state, log=logging.warning)
+    if restored is None:
+        return state, _Progress()
+    step, state, meta = restored
+    progress = _Progress(
+        epoch=int(meta["epoch"]),
+        history=list(meta.get("history", [])),
+        train_seconds=float(meta.get("train_seconds", 0.0)),
     )
+    logging.info("resumed from checkpoint at step %d (epoch %d)", step, progress.epoch)
+    print(f"resumed from step {step} (epoch {progress.epoch})", flush=True)
+    return state, progress
+
+
+def _log_epoch(run, writer, progress: _Progress, e) -> None:
+    """Records a finished epoch: its history row, TensorBoard scalars and the epoch line."""
+    from experiments import common
+    from qsparse import training
+
+    config, total = run.config, run.config.num_epochs
+    progress.train_seconds += e.seconds
+    progress.times.append(e.seconds)
+    times = progress.times
+    # The first epoch of a process includes compilation; estimate from the later ones.
+    typical = sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else e.seconds
+    rate = run.steps_per_epoch / e.seconds
+    eta = (total - e.index - 1) * typical
+    # The block compression reached so far (the gradual schedule's target at this step).
+    comp = float(
+        training.optim.compression_schedule(
+            e.step, config.sparsity.compression, run.sched.prune_begin, run.sched.prune_end
+        )
+    )
+    row = {
+        "epoch": e.index + 1,
+        "step": e.step,
+        "train_loss": float(e.train["loss"]),
+        "train_accuracy": float(e.train["accuracy"]),
+        "test_accuracy": float(e.test["accuracy"]),
+        "test_loss": float(e.test["loss"]),
+        "block_compression_now": comp if run.plan.block_shapes() else 1.0,
+        "steps_per_second": rate,
+    }
+    progress.history.append(row)
+    writer.write_scalars(e.step, {k: v for k, v in row.items() if k not in ("epoch", "step")})
+    writer.write_scalars(e.step, {"eta_seconds": eta})
+    print(
+        f"epoch {e.index + 1}/{total} step {e.step} loss {row['train_loss']:.4f} "
+        f"train_acc {row['train_accuracy']:.4f} test_acc {row['test_accuracy']:.4f} "
+        f"blocks {row['block_compression_now']:.2f}x {rate:.0f} steps/s "
+        f"ETA {common.fmt_time(eta)}",
+        flush=True,
+    )
+    if not bool(e.train["all_finite"]):
+        print(f"warning: loss became non-finite at step {int(e.train['first_nonfinite_step'])}")
+
+
+def _write_results(workdir: Path, run, state, spec, ev, progress: _Progress) -> dict:
+    """The results dict of a finished run, written to ``workdir/results.json``."""
+    from experiments import common
+
+    config = run.config
     results = common.result_metrics(run, state, spec, float(ev["accuracy"]))
     steps = int(state.step)
+    seconds = progress.train_seconds
     results.update(
         {
             "steps": steps,
-            "train_seconds": train_seconds,
-            "examples_per_second": steps * config.batch_size / max(train_seconds, 1e-9),
-            "history": history,
+            "train_seconds": round(seconds, 1),
+            "examples_per_second": round(steps * config.batch_size / max(seconds, 1e-9)),
+            "history": [common.readable_row(h) for h in progress.history],
             "config": json.loads(common.config_json(config)),
         }
     )
     tmp = workdir / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=1))
     os.replace(tmp, workdir / "results.json")
-    del jnp
     return results
 
 
@@ -201,10 +230,10 @@ def summary_line(r: dict) -> str:
     """One line with the headline numbers of a results dict."""
     return (
         f"test_accuracy {r['test_accuracy']:.4f} | w{r['w_bits']:g}/a{r['a_bits']:g} "
-        f"{r['compression']:g}x blocks (achieved block sparsity {r['block_sparsity']:.3f}) | "
-        f"weight memory {r['weight_memory_bits'] / 8 / 1024:.1f} KiB vs FP32 "
+        f"blocks {r['block_compression']:g}x (achieved block sparsity {r['block_sparsity']:.3f})"
+        f" | weight memory {r['weight_memory_bits'] / 8 / 1024:.1f} KiB vs FP32 "
         f"{r['fp32_weight_memory_bits'] / 8 / 1024:.1f} KiB = {r['weight_compression']:.1f}x | "
-        f"activations {r['activation_memory_bits'] / 8 / 1024:.2f} KiB | "
+        f"peak activations {r['peak_activation_bits'] / 8 / 1024:.2f} KiB | "
         f"{r['train_seconds']:.0f}s"
     )
 
@@ -219,14 +248,12 @@ def main(argv):
             FLAGS.config,
             FLAGS.workdir,
             overwrite=FLAGS.overwrite,
-            stop_after_epochs=FLAGS.stop_after_epochs,
             loop=FLAGS.loop,
         )
     except (common.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    if results is not None:
-        print(summary_line(results), flush=True)
+    print(summary_line(results), flush=True)
 
 
 if __name__ == "__main__":
@@ -234,4 +261,4 @@ if __name__ == "__main__":
 
     define_flags()
     flags.mark_flags_as_required(["config"])
-    app.run(main, flags_parser=parse_flags)
+    app.run(main, flags_parser=functools.partial(parse_flags, cli="train"))

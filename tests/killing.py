@@ -1,5 +1,7 @@
-"""Runs a CLI in a subprocess and SIGKILLs it at a chosen moment (the kill-and-resume tests)."""
+"""Kills a run at a chosen moment (the kill-and-resume tests): a CLI in a subprocess by
+SIGKILL, or a run in this process at a checkpoint (:func:`killed_at_checkpoint`)."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -7,7 +9,40 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class Killed(Exception):
+    """Stands for the kill of a run in this process."""
+
+
+@contextlib.contextmanager
+def killed_at_checkpoint(saves: int):
+    """Runs the body as if the process died when about to write checkpoint ``saves + 1``:
+    the first ``saves`` checkpoints are written, the next save raises :class:`Killed`
+    (the epoch it would save is lost, as in a kill), and the body must end by it.
+
+    Args:
+      saves: the checkpoints written before the kill (of any run or chunk, counted together).
+    """
+    from experiments import common
+
+    real, count = common.save_checkpoint, [0]
+
+    def save(*args, **kwargs):
+        count[0] += 1
+        if count[0] > saves:
+            raise Killed(f"killed before checkpoint {count[0]}")
+        return real(*args, **kwargs)
+
+    common.save_checkpoint = save
+    try:
+        with pytest.raises(Killed):
+            yield
+    finally:
+        common.save_checkpoint = real
 
 
 def run_until(cmd, predicate, watched: Path):

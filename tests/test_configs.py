@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from experiments import common
+from qsparse import quant, sparsity
 
 CONFIGS = sorted(
     p.stem
@@ -53,3 +54,35 @@ def test_bf16_grads_runs_where_int_matmul_runs_and_needs_it():
         common.ConfigError, match=r"quant.bf16_grads=True is not allowed: .*int_matmul"
     ):
         common.validate(c)
+
+
+def test_cli_errors_offer_every_config():
+    """A mistyped --config lists these: every train config for train, every sweep for sweep."""
+    train = [Path(p).stem for p in common.config_files("train")]
+    assert train == CONFIGS
+    sweeps = [Path(p).stem for p in common.config_files("sweep")]
+    assert sweeps and all(s.startswith(("sweep", "repro")) for s in sweeps)
+    assert not set(train) & set(sweeps)
+
+
+@pytest.mark.parametrize(
+    "field, value, library",
+    [
+        ("quant.w_bits", 9, quant.check_bits),
+        ("quant.a_bits", 64, quant.check_bits),
+        ("sparsity.compression", 0.5, sparsity.check_compression),
+    ],
+)
+def test_setting_values_are_checked_by_the_library_rule(field, value, library):
+    """A config's bits and compression fail with the library's own one-line error."""
+    from configs import digits
+
+    c = digits.get_config()
+    group, name = field.split(".")
+    c[group][name] = value
+    with pytest.raises(ValueError) as lib:
+        library(value, field)
+    with pytest.raises(common.ConfigError) as got:
+        common.validate(c)
+    assert str(got.value) == str(lib.value)
+    assert str(got.value).startswith(f"{field}={value:g} is not allowed: ")

@@ -1,6 +1,7 @@
 """experiments/analysis.ipynb runs top to bottom on a tiny sweep workdir (nbclient)."""
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -16,7 +17,7 @@ NOTEBOOK = ROOT / "experiments" / "analysis.ipynb"
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory):
     """The digits smoke sweep cut down as in test_sweep (whose compiled program it shares when
-    both run in one session)."""
+    both run in one pytest process)."""
     from test_sweep import tiny_config
 
     wd = tmp_path_factory.mktemp("nb_sweep")
@@ -43,3 +44,18 @@ def test_analysis_notebook_runs(sweep_dir, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     assert str(sweep_dir) in text and "design #" in text
     assert os.environ.get("QSPARSE_SWEEP_DIR") == str(sweep_dir)
+
+
+def test_default_workdir_is_where_the_smoke_sweep_writes():
+    """The parameter cell's WORKDIR is the --workdir of the smoke sweep command the README and
+    experiments/sweep.py show, so the notebook opens what a new user just ran."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    params = next(c.source for c in nb.cells if c.cell_type == "code")
+    workdir = re.search(r'^WORKDIR = "([^"]+)"', params, re.M).group(1)
+    smoke = r"--config=configs/sweep_digits_smoke\.py\s+(?:\\\s+)?--workdir=([^\s`]+)"
+    shown = {
+        name: set(re.findall(smoke, (ROOT / name).read_text()))
+        for name in ("README.md", "experiments/sweep.py")
+    }
+    assert shown["experiments/sweep.py"] == {workdir}
+    assert shown["README.md"] <= {workdir}, shown

@@ -9,7 +9,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from killing import run_to_end, run_until
+from killing import killed_at_checkpoint, run_to_end, run_until
 
 from configs import digits
 from experiments import common
@@ -134,7 +134,8 @@ def _corrupt(step_dir: Path, how: str):
 def test_damaged_latest_checkpoint_falls_back(tmp_path, reference, how, capsys):
     ref_wd, ref = reference
     c = config()
-    assert train_and_evaluate(c, tmp_path, stop_after_epochs=7) is None
+    with killed_at_checkpoint(7):
+        train_and_evaluate(c, tmp_path)
     ckpts = tmp_path / "checkpoints"
     latest = max(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
     _corrupt(ckpts / str(latest), how)
@@ -153,7 +154,8 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, reference, how, capsys):
 
 def test_all_checkpoints_damaged_never_starts_from_scratch(tmp_path):
     c = config(num_epochs=3, **{"sparsity.prune_begin_epoch": 1, "sparsity.prune_end_epoch": 2})
-    train_and_evaluate(c, tmp_path, stop_after_epochs=2)
+    with killed_at_checkpoint(2):
+        train_and_evaluate(c, tmp_path)
     for d in (tmp_path / "checkpoints").iterdir():
         if d.name.isdigit():
             _corrupt(d, "garbage")

@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from killing import run_to_end, run_until
+from killing import killed_at_checkpoint, run_to_end, run_until
 
 from configs import sweep_digits_smoke
 from experiments import common, sweep
@@ -28,7 +28,8 @@ MEMORY = [
     "weight_memory_bits",
     "fp32_weight_memory_bits",
     "weight_compression",
-    "activation_memory_bits",
+    "peak_activation_bits",
+    "total_activation_bits",
     "total_memory_bits",
     "num_params",
     "steps",
@@ -62,13 +63,17 @@ def comparable(rows):
     return [{k: v for k, v in r.items() if k not in IGNORED} for r in rows]
 
 
+# The compiled programs this module's sweeps share, as the sweeps of one notebook would.
+PROGRAMS = sweep.Programs()
+
+
 def run_counted(config, workdir, fresh=False, **kw):
-    """run_sweep and the traces it made; ``fresh``: forget this process's compiled programs."""
+    """run_sweep and the traces it made; ``fresh``: forget the programs compiled so far."""
     if fresh:
-        sweep._PROGRAMS.clear()
-    sweep.TRACES.clear()
-    rows = sweep.run_sweep(config, workdir, progress=False, **kw)
-    return rows, dict(sweep.TRACES)
+        PROGRAMS.compiled.clear()
+    PROGRAMS.traces.clear()
+    rows = sweep.run_sweep(config, workdir, progress=False, programs=PROGRAMS, **kw)
+    return rows, dict(PROGRAMS.traces)
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +115,19 @@ def test_outputs_and_one_compilation_per_shape(mapped, vmapped):
         for r in rows:
             assert not r["diverged"] and r["diverged_step"] == -1
             assert r["steps"] == 4 * (1437 // 64)
-            assert r["total_memory_bits"] == r["weight_memory_bits"] + r["activation_memory_bits"]
+            assert r["total_memory_bits"] == r["weight_memory_bits"] + r["peak_activation_bits"]
             assert r["block_sparsity"] == pytest.approx(0.75, abs=0.01)
+            assert r["block_compression"] == 4.0
+        header = (wd / "results.csv").read_text().splitlines()[0].split(",")
+        assert "block_compression" in header and "peak_activation_bits" in header
+        assert "compression" not in header and "activation_memory_bits" not in header
+        assert "| block_compression |" in (wd / "summary.md").read_text()
+        assert [sweep.label(r) for r in rows] == [
+            "w2/a2/4x",
+            "w2/a32/4x",
+            "w32/a2/4x",
+            "w32/a32/4x",
+        ]
 
 
 def test_map_equals_separate_runs_exactly(mapped, separate):
@@ -175,6 +191,78 @@ def test_load_setting_gives_reported_accuracy(mapped):
         )
 
 
+def test_export_one_design_of_a_sweep(mapped, tmp_path):
+    from experiments import export
+
+    wd, rows, _ = mapped
+    info = export.export_run(wd, tmp_path / "s3.qsp", setting=3)  # the padded chunk's setting
+    assert info["packed_accuracy"] == info["trained_accuracy"] and info["same_predictions"]
+    assert info["trained_accuracy"] == pytest.approx(rows[3]["test_accuracy"], abs=1e-4)
+    assert info["meta"]["setting"] == 3
+    assert info["meta"]["results_test_accuracy"] == rows[3]["test_accuracy"]
+    payload_bits = 8 * info["payload_bytes"]
+    assert abs(payload_bits - rows[3]["weight_memory_bits"]) <= 0.01 * payload_bits
+    with pytest.raises(common.ConfigError, match=r"use 0\.\.3"):
+        export.open_design(wd, 4)
+    # The CLI: without --setting, one line saying how to pick a design.
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.export", f"--workdir={wd}"],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"error: workdir={str(wd)!r} is a sweep of 4 settings: pass --setting=N (0..3, the "
+        "setting column of its results.csv) to export one design"
+    ]
+    assert not (wd / "model.qsp").exists()
+
+
+def test_sweep_finished_under_the_old_result_names_reports_the_new_ones(mapped, tmp_path):
+    """A sweep whose chunks were written before the rename (compression,
+    activation_memory_bits; no total_activation_bits) resumes to today's results.csv."""
+    import shutil
+
+    wd, rows, _ = mapped
+    old = tmp_path / "old"
+    shutil.copytree(wd, old, ignore=shutil.ignore_patterns("results.csv", "pareto*", "summary.md"))
+    renamed = {"block_compression": "compression", "peak_activation_bits": "activation_memory_bits"}
+    for f in (old / "chunks").glob("chunk_*.json"):
+        chunk = json.loads(f.read_text())
+        chunk["rows"] = [
+            {renamed.get(k, k): v for k, v in r.items() if k != "total_activation_bits"}
+            for r in chunk["rows"]
+        ]
+        f.write_text(json.dumps(chunk))
+    again, traces = run_counted(tiny_config(), old)
+    assert traces == {}  # nothing trained again
+    assert comparable(again) == comparable(rows)
+    assert comparable(sweep.read_results(old / "results.csv")) == comparable(rows)
+    # A results.csv written under the old names reads back under the new ones.
+    text = (old / "results.csv").read_text()
+    for new, name in renamed.items():
+        text = text.replace(new, name)
+    (tmp_path / "old.csv").write_text(text)
+    assert "activation_memory_bits" in text
+    assert sweep.read_results(tmp_path / "old.csv") == sweep.read_results(old / "results.csv")
+
+
+def test_block_mask_figure_has_a_colorbar(mapped):
+    wd, rows, _ = mapped
+    run, _, state = sweep.load_setting(wd, 0)
+    fig = sweep.plot_block_masks(run, state, title="design 0")
+    *maps, bar = fig.axes
+    assert len(maps) == 2  # Dense_0 and Dense_1 (every layer has blocks)
+    assert [t.get_text() for t in bar.get_yticklabels()] == ["pruned", "kept"]
+    kept = [m.get_images()[0].get_array() for m in maps]
+    assert np.mean(np.concatenate([k.ravel() for k in kept])) == pytest.approx(0.25, abs=0.02)
+    assert all("kept" in m.get_title() for m in maps)
+    assert fig._suptitle.get_text() == "design 0"
+
+
 def lenet_config(**over):
     """tiny_config with a tiny LeNet (channels 8, 16; Dense 32): w {4, 32} x a {4, 32} at 2X,
     in two chunks of 2 (conv kernels 25x8 in blocks of 5x8, then 200x16, 64x32 in 8x8)."""
@@ -199,7 +287,7 @@ def test_conv_sweep_steps_every_setting_and_matches_scan(tmp_path):
     the scanned epoch's (under lax.map) up to the order of float sums."""
     config = lenet_config()
     rows, traces = run_counted(config, tmp_path / "steps", fresh=True)  # loop="auto"
-    assert {p.loop for p in sweep._PROGRAMS.values()} == {"steps"}
+    assert {p.loop for p in PROGRAMS.compiled.values()} == {"steps"}
     shape = ("lenet", (32,), (8, 16))
     assert traces == {("epoch", shape): 1, ("eval", shape): 1}  # two chunks, one program
     assert [r["chunk"] for r in rows] == [0, 0, 1, 1]
@@ -211,7 +299,7 @@ def test_conv_sweep_steps_every_setting_and_matches_scan(tmp_path):
     for k in MEMORY:
         assert rows[0][k] == lone[k], k
     scanned, _ = run_counted(config, tmp_path / "scan", loop="scan")
-    assert {p.loop for p in sweep._PROGRAMS.values()} == {"steps", "scan"}
+    assert {p.loop for p in PROGRAMS.compiled.values()} == {"steps", "scan"}
     for r, ref in zip(rows, scanned):
         assert (r["w_bits"], r["a_bits"]) == (ref["w_bits"], ref["a_bits"])
         assert not r["diverged"] and r["steps"] == 4 * (1437 // 64)
@@ -232,15 +320,18 @@ def test_conv_sweep_steps_every_setting_and_matches_scan(tmp_path):
 def test_killed_sweep_resumes_to_same_results(mapped, tmp_path, monkeypatch):
     _, rows, _ = mapped
     config = tiny_config()
-    # Killed in the first chunk's third epoch (checkpointed after epoch 2), then in chunk 2.
-    assert sweep.run_sweep(config, tmp_path, stop_after_epochs=2, progress=False) is None
+    # Killed in the first chunk's third epoch (checkpointed after epoch 2), then in chunk 2
+    # (the first chunk finishes its epochs 3 and 4, the second checkpoints its first epoch).
+    with killed_at_checkpoint(2):
+        run_counted(config, tmp_path)
     assert not (tmp_path / "results.csv").exists()
-    assert sweep.run_sweep(config, tmp_path, stop_after_epochs=3, progress=False) is None
+    with killed_at_checkpoint(3):
+        run_counted(config, tmp_path)
     finished = tmp_path / "chunks" / "chunk_0.json"
     stamp = finished.stat().st_mtime_ns
     # Count the epochs the last call runs (the compiled program is reused from this process).
     calls = []
-    for prog in sweep._PROGRAMS.values():
+    for prog in PROGRAMS.compiled.values():
         epoch = prog.epoch
         monkeypatch.setattr(prog, "epoch", lambda *a, f=epoch: calls.append(1) or f(*a))
     resumed, traces = run_counted(config, tmp_path)

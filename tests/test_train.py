@@ -4,10 +4,11 @@ import json
 import math
 
 import pytest
+from killing import killed_at_checkpoint
 
 from configs import digits
 from experiments import common
-from experiments.train import train_and_evaluate
+from experiments.train import summary_line, train_and_evaluate
 
 
 def small_config(**over):
@@ -39,12 +40,13 @@ def test_end_to_end_accuracy_and_results_fields(digits_run):
         "test_accuracy",
         "w_bits",
         "a_bits",
-        "compression",
+        "block_compression",
         "block_sparsity",
         "weight_memory_bits",
         "fp32_weight_memory_bits",
         "weight_compression",
-        "activation_memory_bits",
+        "peak_activation_bits",
+        "total_activation_bits",
         "total_memory_bits",
         "num_params",
         "steps",
@@ -53,11 +55,23 @@ def test_end_to_end_accuracy_and_results_fields(digits_run):
         "config",
     ):
         assert key in on_disk, key
+    for old in ("compression", "activation_memory_bits"):  # names that did not say what they are
+        assert old not in on_disk, old
+    assert on_disk["block_compression"] == 4.0
+    # Rounded for reading: 4 significant digits for ratios, bits as ints.
     assert r["weight_compression"] == pytest.approx(
-        r["fp32_weight_memory_bits"] / r["weight_memory_bits"]
+        r["fp32_weight_memory_bits"] / r["weight_memory_bits"], rel=1e-3
     )
+    assert len(f"{on_disk['weight_compression']:g}".replace(".", "")) <= 4
+    assert len(f"{on_disk['test_accuracy']:.15g}".lstrip("0.")) <= 6
+    for key in ("w_bits", "a_bits", "weight_memory_bits", "peak_activation_bits"):
+        assert type(on_disk[key]) is int, key
+    assert (on_disk["w_bits"], on_disk["a_bits"]) == (2, 2)
+    assert '"w_bits": 2,' in (wd / "results.json").read_text()
     assert r["block_sparsity"] == pytest.approx(1 - 1 / 4, abs=0.01)
-    assert r["total_memory_bits"] == r["weight_memory_bits"] + r["activation_memory_bits"]
+    assert r["total_memory_bits"] == r["weight_memory_bits"] + r["peak_activation_bits"]
+    assert r["peak_activation_bits"] < r["total_activation_bits"]
+    assert [h["block_compression_now"] for h in r["history"]][-1] == 4.0
     assert r["steps"] == 24 * (1437 // 64)
     assert on_disk["config"]["quant"]["w_bits"] == 2
     # 64-256-256-10 at 2 bits and 4X: codes alone are ~1/64 of FP32.
@@ -71,7 +85,8 @@ def test_resume_continues_step_count(tmp_path):
         checkpoint_every_epochs=2,
         **{"sparsity.prune_begin_epoch": 2, "sparsity.prune_end_epoch": 5},
     )
-    assert train_and_evaluate(c, tmp_path, stop_after_epochs=5) is None
+    with killed_at_checkpoint(2):  # at epoch 6's checkpoint: epochs 5 and 6 are lost
+        train_and_evaluate(c, tmp_path)
     mgr = common.checkpoint_manager(tmp_path / "checkpoints", 3)
     assert mgr.latest_step() == 4 * (1437 // 64)  # last checkpoint: epoch 4
     r = train_and_evaluate(c, tmp_path)
@@ -104,7 +119,15 @@ def test_export_of_a_run_matches_memory_model_and_accuracy(digits_run):
     assert info["max_abs_logit_diff"] <= 1e-5 and info["same_predictions"]
 
 
-def test_target_reached_when_pruning_ends_with_training(tmp_path):
+def test_target_reached_when_pruning_ends_with_training(tmp_path, capsys):
     over = {"num_epochs": 3, "sparsity.prune_begin_epoch": 1, "sparsity.prune_end_epoch": 3}
     r = train_and_evaluate(small_config(**over), tmp_path)
     assert r["block_sparsity"] == pytest.approx(0.75, abs=0.01)
+    # The epoch lines name the block compression reached so far as such.
+    epochs = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    blocks = [line.split(" blocks ")[1].split()[0] for line in epochs]
+    assert blocks[0] == "1.00x" and blocks[-1] == "4.00x" and 1 < float(blocks[1][:-1]) < 4
+    assert "compression" not in " ".join(epochs)
+    summary = summary_line(r)
+    assert "blocks 4x (achieved block sparsity 0.750)" in summary
+    assert f"= {r['weight_compression']:.1f}x" in summary
