@@ -2,7 +2,7 @@
 
 CIFAR-style ResNet-8 (3x3 stem, three stages of one basic block at widths 16/32/64, strides
 1, 2, 2, global average pool, Dense head; ``--config.model.depth=20`` gives ResNet-20) with
-learned weight steps (LSQ) and clips (PACT). Conv kernels are blocked on their
+learned per-output-channel weight steps (LSQ) and clips (PACT). Conv kernels are blocked on their
 (kh*kw*cin, cout) view: the stem (3,3,1,16) is 9x16, blocks (1, 8); every other conv (144,
 288 or 576 rows; the 1x1 projections 16x32 and 32x64) takes (8, 8), the Dense head 64x10
 (8, 2). BatchNorm scales, offsets and batch statistics stay float32 and are counted as such.
@@ -28,6 +28,7 @@ def get_config():
     c.quant.a_bits = 4
     c.quant.scale_mode = "learned"
     c.quant.learn_clip = True
+    c.quant.per_channel = True
     c.sparsity.compression = 2.0
     c.sparsity.block_shape = (8, 8)
     c.sparsity.first_block_shape = (1, 8)

@@ -2,7 +2,7 @@
 {2, 32} x compression {1, 4}, one seed, MLP 64-128-128-10, 8 epochs: 8 settings in seconds.
 
 Run:
-  python -m experiments.sweep --config=configs/sweep_digits_smoke.py --workdir=runs/sweep_smoke
+  python -m experiments.sweep --config=configs/sweep_digits_smoke.py --workdir=runs/smoke
 
 The 8 settings share one model shape, so they train in two chunks of 4 (sweep.chunk_size)
 with one compilation. On 4 devices (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=4)
