@@ -16,6 +16,7 @@ Parameters are addressed by the ``/``-joined path of their keys (``"params/Dense
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -295,23 +296,13 @@ def block_sparse_adam(
 ) -> optax.GradientTransformation:
     """Adam(W) with proximal block lasso, gradual block pruning and masks kept.
 
-    Three phases of one schedule (``count`` is the step count before the step):
-
-    * ``count < begin``: Adam(W), then the proximal step of the block (group) lasso
-      ``w_B <- w_B * max(0, 1 - t / ||w_B||)`` with threshold ``t = prox_strength(count)``
-      (step size times regularisation weight), so weak blocks become exactly zero.
-    * ``begin <= count <= end``: gradual pruning on the cubic schedule
-      (:func:`compression_schedule`): every ``frequency`` steps, and at ``end``, the block
-      masks are recomputed from the block norms of the parameters the step starts from.
-    * ``count > end``: masks frozen (fine-tuning).
-
-    Throughout, pruned blocks are exactly zero, get no gradient and keep no Adam moments (the
-    moments are masked before the update), so pruning is monotone. Each update is
-    ``new - params``, which ``optax.apply_updates`` adds back exactly where ``new`` is zero.
-    The masks are stored per
-    block and recomputed only on schedule steps, and the prox's block norms only in the prox
-    phase: each sits in a ``lax.cond`` on :func:`any_setting`, a real branch also under
-    ``vmap``, whose only outputs are per-block arrays.
+    Before ``begin`` each step is Adam(W) then the block-lasso prox
+    ``w_B <- w_B * max(0, 1 - t / ||w_B||)``, ``t = prox_strength(count)``; from ``begin`` to
+    ``end`` the block masks are recomputed every ``frequency`` steps (and at ``end``) on the
+    cubic schedule (:func:`compression_schedule`); after ``end`` they are frozen. Pruned blocks
+    are exactly zero, get no gradient and keep no Adam moments, so pruning is monotone; each
+    update is ``new - params``. Mask updates and block norms sit in ``lax.cond`` branches on
+    :func:`any_setting`, real branches under ``vmap`` too.
 
     Args:
       learning_rate: a value or a schedule ``count -> value``.
@@ -343,11 +334,8 @@ def block_sparse_adam(
 
     def init_fn(params):
         _check_paths(params, block_shapes)
-        adam = optax.ScaleByAdamState(
-            count=jnp.zeros([], jnp.int32),
-            mu=jax.tree.map(jnp.zeros_like, params),
-            nu=jax.tree.map(jnp.zeros_like, params),
-        )
+        mu, nu = (jax.tree.map(jnp.zeros_like, params) for _ in range(2))  # two buffers
+        adam = optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=mu, nu=nu)
         return BlockSparseAdamState(adam=adam, masks=_ones_masks(params, block_shapes))
 
     def update_fn(grads, state, params=None):
@@ -355,63 +343,82 @@ def block_sparse_adam(
             raise ValueError("block_sparse_adam needs params: call update(grads, state, params)")
         count = state.adam.count
         count_inc = optax.safe_increment(count)
-        bc1 = 1 - b1**count_inc
-        bc2 = 1 - b2**count_inc
-        lr_t = learning_rate(count) if callable(learning_rate) else learning_rate
-        if weight_decay and decay_mask is not None:
-            decays = decay_mask(params) if callable(decay_mask) else decay_mask
-        else:
-            decays = jax.tree.map(lambda _: bool(weight_decay), params)
         masks = _scheduled_masks(
             params, state.masks, count, block_shapes, compression,
             begin=begin, end=end, frequency=frequency, balanced=balanced, scope=scope,
         )  # fmt: skip
-
-        # Masked on the way in: pruned weights get no gradient and keep no moments.
-        def moments(g, m, v, old, p):
-            old = expand_mask(old, p)
-            g = g * old
-            return (1 - b1) * g + b1 * (m * old), (1 - b2) * g**2 + b2 * (v * old)
-
-        both = jax.tree.map(moments, grads, state.adam.mu, state.adam.nu, state.masks, params)
-        mu, nu = jax.tree.transpose(jax.tree.structure(params), jax.tree.structure((0, 0)), both)
-        flat_m, flat_v, flat_p = _by_path(mu), _by_path(nu), _by_path(params)
-        flat_mask, flat_decay = _by_path(masks), _by_path(decays)
-
-        def adam_step(path):
-            """The weights Adam(W) lands on, on the kept blocks."""
-            p, m, v = flat_p[path], flat_m[path], flat_v[path]
-            d = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
-            if flat_decay[path]:
-                d = d + weight_decay * p
-            mask = expand_mask(flat_mask[path].astype(p.dtype), p)
-            return ((p - lr_t * d) * mask).astype(p.dtype)
-
-        stepped = {path: adam_step(path) for path in flat_p}
-
-        # The prox's per-block factors of those weights, in a branch skipped after the prox
-        # phase.
-        active = count < begin
+        mu, nu = _masked_moments(grads, state, params, b1, b2)
+        lr_t = learning_rate(count) if callable(learning_rate) else learning_rate
+        decays = _decay_tree(params, weight_decay, decay_mask)
+        stepped = _adam_weights(
+            params, mu, nu, masks, decays, count_inc, lr_t,
+            b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+        )  # fmt: skip
         threshold = prox_strength(count) if callable(prox_strength) else prox_strength
-
-        def factors():
-            return {
-                k: jnp.where(active, sparsity.prox_block_factor(stepped[k], bs, threshold), 1.0)
-                for k, bs in block_shapes.items()
-            }
-
-        ones = {k: jnp.ones(_grid(flat_p[k], bs)) for k, bs in block_shapes.items()}
-        f = jax.lax.cond(any_setting(active), factors, lambda: ones)
-
-        def update(kp, p):
-            path = path_str(kp)
-            w = stepped[path]
-            if path in f:
-                w = (w * expand_mask(f[path].astype(w.dtype), w)).astype(w.dtype)
-            return w - p
-
-        updates = jax.tree_util.tree_map_with_path(update, params)
+        f = _prox_factors(stepped, params, block_shapes, count < begin, threshold)
+        updates = jax.tree_util.tree_map_with_path(partial(_update, stepped, f), params)
         adam = optax.ScaleByAdamState(count=count_inc, mu=mu, nu=nu)
         return updates, BlockSparseAdamState(adam=adam, masks=masks)
 
     return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _decay_tree(params, weight_decay, decay_mask):
+    """Which parameters decay (a params-structured tree of bools)."""
+    if weight_decay and decay_mask is not None:
+        return decay_mask(params) if callable(decay_mask) else decay_mask
+    return jax.tree.map(lambda _: bool(weight_decay), params)
+
+
+def _masked_moments(grads, state, params, b1, b2):
+    """Adam's new moments, masked on the way in: pruned weights get no gradient or moments."""
+
+    def moments(g, m, v, old, p):
+        old = expand_mask(old, p)
+        g = g * old
+        return (1 - b1) * g + b1 * (m * old), (1 - b2) * g**2 + b2 * (v * old)
+
+    both = jax.tree.map(moments, grads, state.adam.mu, state.adam.nu, state.masks, params)
+    return jax.tree.transpose(jax.tree.structure(params), jax.tree.structure((0, 0)), both)
+
+
+def _adam_weights(params, mu, nu, masks, decays, count_inc, lr_t, *, b1, b2, eps, weight_decay):
+    """The weights Adam(W) lands on, on the kept blocks: path -> array."""
+    bc1 = 1 - b1**count_inc
+    bc2 = 1 - b2**count_inc
+    flat_m, flat_v, flat_p = _by_path(mu), _by_path(nu), _by_path(params)
+    flat_mask, flat_decay = _by_path(masks), _by_path(decays)
+
+    def adam_step(path):
+        p, m, v = flat_p[path], flat_m[path], flat_v[path]
+        d = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
+        if flat_decay[path]:
+            d = d + weight_decay * p
+        mask = expand_mask(flat_mask[path].astype(p.dtype), p)
+        return ((p - lr_t * d) * mask).astype(p.dtype)
+
+    return {path: adam_step(path) for path in flat_p}
+
+
+def _prox_factors(stepped, params, block_shapes, active, threshold):
+    """The prox's per-block factors of the stepped weights, in a branch skipped after the
+    prox phase (all ones there)."""
+    flat_p = _by_path(params)
+
+    def factors():
+        return {
+            k: jnp.where(active, sparsity.prox_block_factor(stepped[k], bs, threshold), 1.0)
+            for k, bs in block_shapes.items()
+        }
+
+    ones = {k: jnp.ones(_grid(flat_p[k], bs)) for k, bs in block_shapes.items()}
+    return jax.lax.cond(any_setting(active), factors, lambda: ones)
+
+
+def _update(stepped, factors, key_path, p):
+    """``new - p`` for one parameter, the prox's block factors applied to ``new``."""
+    path = path_str(key_path)
+    w = stepped[path]
+    if path in factors:
+        w = (w * expand_mask(factors[path].astype(w.dtype), w)).astype(w.dtype)
+    return w - p
