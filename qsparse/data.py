@@ -269,7 +269,9 @@ def epoch_indices(key: jax.Array, num_examples: int, batch_size: int) -> jax.Arr
             f" num_examples={num_examples}"
         )
     steps = num_examples // batch_size
-    perm = jax.random.permutation(key, num_examples)[: steps * batch_size]
+    # One sort of random 32-bit keys, half the cost of jax.random.permutation's two rounds; a
+    # pair sharing a key (about n**2 / 2**33 pairs an epoch: 0.4 for 60,000) keeps its order.
+    perm = jnp.argsort(jax.random.bits(key, (num_examples,)))[: steps * batch_size]
     return perm.astype(jnp.int32).reshape(steps, batch_size)
 
 
