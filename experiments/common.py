@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from experiments import workdir as workdir_lock
 from qsparse import data as qdata
 from qsparse import models, quant, sparsity, training, wrap
 from qsparse import settings as qsettings
@@ -732,7 +733,9 @@ def guard_workdir(workdir: Path, config, overwrite: bool) -> None:
                 f"workdir={str(workdir)!r} holds a run of a different config (differs in "
                 f"{', '.join(diff)}): use another --workdir, or --overwrite to replace it"
             )
-        shutil.rmtree(workdir)
+        for entry in workdir.iterdir():  # all but the lock this run holds
+            if entry.name != workdir_lock.LOCK_NAME:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
         tmp = saved.with_suffix(".tmp")
@@ -749,7 +752,8 @@ def _diff_keys(a, b, prefix=""):
 
 
 def checkpoint_manager(directory: Path, keep: int):
-    """An Orbax CheckpointManager keeping the last ``keep`` checkpoints.
+    """An Orbax CheckpointManager keeping the last ``keep`` checkpoints (in a run of several
+    processes, every process saves its shards of the same checkpoint together).
 
     Args:
       directory: where checkpoints live.
@@ -847,7 +851,9 @@ class MetricWriter:
     def __init__(self, logdir):
         from tensorboardX import SummaryWriter
 
-        self._w = SummaryWriter(str(logdir))
+        # One event file per process: their names would otherwise differ only by the second.
+        suffix = f".process{jax.process_index()}" if jax.process_count() > 1 else ""
+        self._w = SummaryWriter(str(logdir), filename_suffix=suffix)
 
     def write_scalars(self, step: int, scalars: dict) -> None:
         """One point per scalar at ``step``."""
@@ -863,6 +869,34 @@ class MetricWriter:
 
     def close(self) -> None:
         self._w.close()
+
+
+class NullWriter:
+    """A :class:`MetricWriter` that writes nothing (the processes other than 0 of a run)."""
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        """Writes nothing."""
+
+    def write_hparams(self, hparams: dict) -> None:
+        """Writes nothing."""
+
+    def flush(self) -> None:
+        """Nothing to flush."""
+
+    def close(self) -> None:
+        """Nothing to close."""
+
+
+def write_json(path: Path, obj) -> None:
+    """Writes ``obj`` as indented JSON, atomically (a reader never sees half a file).
+
+    Args:
+      path: the file.
+      obj: JSON-serialisable data.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def make_writer(workdir: Path) -> MetricWriter:

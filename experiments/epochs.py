@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 
 
@@ -70,16 +69,16 @@ def run_epochs(
     Returns:
       The final state.
     """
-    from experiments import common
+    from experiments import common, multihost
 
     total = config.num_epochs
     for epoch in range(start, total):
         t0 = time.perf_counter()
         state, m = epoch_fn(state, data["train_x"], data["train_y"], keys(epoch), spec)
         ev = eval_fn(state.params, spec, data["test_x"], data["test_y"], state.model_state)
-        m, ev = jax.device_get((m, ev))
+        m, ev, steps = multihost.fetch((m, ev, state.step))
         seconds = time.perf_counter() - t0
-        step = int(np.ravel(jax.device_get(state.step))[0])
+        step = int(np.ravel(steps)[0])
         on_epoch(Epoch(epoch, step, m, ev, seconds))
         if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == total:
             common.save_checkpoint(mgr, step, state, meta(epoch + 1))
@@ -88,6 +87,8 @@ def run_epochs(
 
 def evaluate(eval_fn: Callable, state, spec, data) -> dict:
     """The final test-split evaluation of a run or chunk, on the host."""
-    return jax.device_get(
+    from experiments import multihost
+
+    return multihost.fetch(
         eval_fn(state.params, spec, data["test_x"], data["test_y"], state.model_state)
     )

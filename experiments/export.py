@@ -18,6 +18,7 @@ test split, how its images are uint8 and become inputs, and the test accuracy me
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -196,7 +197,21 @@ def export_run(workdir, output, setting: int | None = None) -> dict:
     Returns:
       dict with the sizes, compression, accuracies, the max logit difference and the
       manifest's ``meta``.
+
+    Raises:
+      experiments.workdir.WorkdirInUse: ``output`` is inside ``workdir`` and a live run holds
+        it.
     """
+    from experiments import workdir as workdir_lock
+
+    inside = Path(workdir).is_dir() and Path(workdir).resolve() in Path(output).resolve().parents
+    # Writing into a run's workdir: not while a live run holds it.
+    with workdir_lock.hold(workdir, "export") if inside else contextlib.nullcontext():
+        return _export(workdir, output, setting)
+
+
+def _export(workdir, output, setting: int | None) -> dict:
+    """:func:`export_run` once the workdir is claimed."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -237,6 +252,7 @@ def export_run(workdir, output, setting: int | None = None) -> dict:
 def main(argv):
     del argv
     from experiments import common
+    from experiments import workdir as workdir_lock
     from qsparse import export
 
     if FLAGS.verbosity <= 0:
@@ -254,7 +270,13 @@ def main(argv):
             return
         output = Path(FLAGS.output or default_output(FLAGS.workdir, FLAGS.setting))
         r = export_run(FLAGS.workdir, output, FLAGS.setting)
-    except (common.ConfigError, FileNotFoundError, export.FormatError, ValueError) as e:
+    except (
+        common.ConfigError,
+        FileNotFoundError,
+        export.FormatError,
+        ValueError,
+        workdir_lock.WorkdirInUse,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     mm = r["weight_memory_bits"] / 8

@@ -16,11 +16,13 @@ spec, so their specs and train states are stacked on a leading axis and one comp
 (``jax.vmap`` of :func:`qsparse.training.make_train_epoch`) trains a whole chunk of them. Large
 groups run in chunks of ``sweep.chunk_size`` (the last chunk padded by repeating a setting,
 so every chunk of a shape has the same shape and reuses the one compilation). The setting
-axis is split over the available devices (``Mesh`` axis ``"settings"``,
-:func:`qsparse.training.over_settings`: each device runs its own settings); the data is
-replicated. A model with convolutions on a CPU runs its chunk's epoch as a host loop over
-one compiled step of every setting instead (``--loop``, :func:`make_program`): XLA:CPU runs
-a training step's convolutions far slower inside a loop body (jax-ml/jax#12868).
+axis is split over the devices of every process (``Mesh`` axis ``"settings"``,
+:func:`qsparse.training.over_settings`: each device runs its own settings, so no step waits
+on another device); the data is replicated. Several processes (``experiments.multihost``)
+meet only at each epoch's end and its checkpoints; process 0 writes the files. A model with
+convolutions on a CPU runs its chunk's epoch as a host loop over one compiled step of every
+setting instead (``--loop``, :func:`make_program`): XLA:CPU runs a training step's
+convolutions far slower inside a loop body (jax-ml/jax#12868).
 
 Each setting starts from what ``experiments.train`` would use for it alone (the same
 ``common.make_spec``, ``common.init_state`` with its seed, ``common.epoch_key`` per epoch) and
@@ -34,7 +36,10 @@ reduction in another order than an unbatched one, so under ``vmap`` the gradient
 lone run's in the last bit; a k-bit quantizer turns such a difference into a different code
 when a value sits on a rounding boundary, and low-bit (e.g. 2-bit weights and activations)
 trajectories then drift apart like runs of different seeds. Float settings agree to float
-tolerance either way.
+tolerance either way. The host loop of steps (a model with convolutions on a CPU) under
+``"map"`` puts the settings' steps side by side in one program, where XLA may fuse them into
+another order of float sums than a lone step's: its low-bit settings agree with lone runs as
+runs of different seeds do, its float settings to float tolerance.
 
 Writes DIR/config.json, DIR/chunks.json (which settings train together), DIR/checkpoints/
 chunk_K (Orbax, the stacked state), DIR/chunks/chunk_K.json (a finished chunk's result rows),
@@ -171,19 +176,33 @@ def run_sweep(
     Returns:
       The result rows (as in results.csv).
     """
+    from experiments import multihost
+
+    workdir = Path(workdir)
+    settings, ds, runs = _prepare(config, workdir, loop)
+    with multihost.hold_workdir(workdir, "sweep"):
+        return _sweep(config, workdir, overwrite, progress, loop, programs, settings, ds, runs)
+
+
+def _sweep(config, workdir: Path, overwrite, progress, loop, programs, settings, ds, runs):
+    """Trains this process's chunks in the claimed workdir, then (process 0) the reports."""
     import jax
     import numpy as np
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from experiments import common
+    from experiments import common, multihost
     from qsparse import data as qdata
 
-    workdir = Path(workdir)
-    settings, ds, runs = _prepare(config, workdir, overwrite, loop)
-    devices = jax.devices()
+    devices = jax.devices()  # of every process: a chunk's settings are split over all of them
     mesh = Mesh(np.array(devices), ("settings",))
     chunks = make_chunks(settings, config.sweep.chunk_size, len(devices))
+    primary = multihost.is_primary()
+    if primary:
+        common.guard_workdir(workdir, config, overwrite)
+        chunks = load_layout(workdir, chunks, len(devices))
+        (workdir / "chunks").mkdir(exist_ok=True)
+    multihost.barrier("sweep: workdir ready")
     chunks = load_layout(workdir, chunks, len(devices))
     done = {c.index: read_chunk_rows(workdir, c.index, config, settings, runs) for c in chunks}
     ctx = ChunkContext(
@@ -191,10 +210,9 @@ def run_sweep(
         workdir=workdir,
         data=qdata.to_device(ds, NamedSharding(mesh, P())),
         sharding=NamedSharding(mesh, P("settings")),
-        writer=common.make_writer(workdir),
-        bar=_progress_bar(config, chunks, done, progress),
+        writer=common.make_writer(workdir) if primary else common.NullWriter(),
+        bar=_progress_bar(config, chunks, done, progress and primary),
     )
-    (workdir / "chunks").mkdir(exist_ok=True)
     if not any(chunk_result_path(workdir, c.index).exists() for c in chunks):
         ctx.writer.write_hparams(json.loads(common.config_json(config)))
     programs = Programs() if programs is None else programs
@@ -206,18 +224,21 @@ def run_sweep(
                 run = runs[members[0].shape]
                 prog = programs.get(config, members[0], run, mesh, vectorize, loop)
                 done[chunk.index] = train_chunk(ctx, chunk, members, run, prog)
-                print(chunk_line(chunk, members, done[chunk.index], len(chunks)), flush=True)
+                if primary:
+                    print(chunk_line(chunk, members, done[chunk.index], len(chunks)), flush=True)
     finally:
         ctx.bar.close()
         ctx.writer.flush()
     rows = sorted((r for rows in done.values() for r in rows), key=lambda r: r["setting"])
-    write_reports(workdir, rows)
+    if primary:
+        write_reports(workdir, rows)
+    multihost.barrier("sweep: reports written")
     return rows
 
 
-def _prepare(config, workdir: Path, overwrite: bool, loop: str):
+def _prepare(config, workdir: Path, loop: str):
     """Checks everything, then loads the data and builds every model shape's run (a bad block
-    shape fails here, before any training); claims the workdir last.
+    shape fails here, before any training).
 
     Returns:
       ``(settings, dataset, runs)``, ``runs`` keyed by :attr:`Setting.shape`.
@@ -235,7 +256,6 @@ def _prepare(config, workdir: Path, overwrite: bool, loop: str):
     for s in settings:
         if s.shape not in runs:
             runs[s.shape] = common.build_run(setting_config(config, plan_setting(settings, s)), ds)
-    common.guard_workdir(workdir, config, overwrite)
     return settings, ds, runs
 
 
@@ -333,6 +353,9 @@ def load_setting(workdir, setting_id: int, *, dataset=None):
 def _define_flags() -> None:
     """Defines the command-line flags, only when run as a program: experiments.train defines
     flags of the same names at import, and tests import both modules into one process."""
+    from experiments import multihost
+
+    multihost.define_flags()
     config_flags.DEFINE_config_file("config", None, "Sweep config file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
     flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds a sweep of another config.")
@@ -347,9 +370,11 @@ def _define_flags() -> None:
 
 def main(argv):
     del argv
-    from experiments import common
+    from experiments import common, multihost
+    from experiments import workdir as workdir_lock
 
     common.cli_start(FLAGS)
+    multihost.initialize_from_flags(FLAGS)
     t0 = time.perf_counter()
     try:
         rows = run_sweep(
@@ -358,9 +383,13 @@ def main(argv):
             overwrite=FLAGS.overwrite,
             loop=FLAGS.loop,
         )
-    except (common.ConfigError, FileNotFoundError) as e:
+    except multihost.ProcessLost as e:
+        multihost.exit_lost(e)
+    except (common.ConfigError, FileNotFoundError, workdir_lock.WorkdirInUse) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if not multihost.is_primary():
+        return
     front = fronts(rows)
     print(
         f"{len(rows)} settings in {common.fmt_time(time.perf_counter() - t0)}; Pareto "

@@ -20,6 +20,7 @@ from typing import Any
 
 from absl import logging
 
+from experiments import multihost
 from experiments.sweep_report import COLUMNS, RENAMED, label
 from experiments.sweep_settings import Chunk, Setting, setting_config
 
@@ -116,7 +117,9 @@ def make_program(
     (``over_settings`` around the step of ``training.make_epoch_steps``), so that no
     convolution sits inside a loop; ``"map"`` then puts the settings one after another
     unrolled in that program (``over_settings(..., "unroll")``) instead of in a ``lax.map``.
-    Either way each setting computes what its lone run computes.
+    Each setting computes what its lone run computes, bit for bit under ``lax.map``; in
+    the unrolled step XLA may order a setting's float sums otherwise (see
+    ``experiments.sweep``).
 
     Args:
       run: the shape's run (any of its settings: only the static part is used).
@@ -328,7 +331,6 @@ def train_chunk(ctx: ChunkContext, chunk: Chunk, members, run, prog: Program) ->
     Returns:
       Its real settings' result rows (also written to ``chunks/chunk_K.json``).
     """
-    import jax
 
     from experiments import common, epochs
 
@@ -340,7 +342,7 @@ def train_chunk(ctx: ChunkContext, chunk: Chunk, members, run, prog: Program) ->
     ctx.bar.update(progress.epoch)
 
     def keys(epoch):
-        return jax.device_put(
+        return multihost.put(
             stack([common.epoch_key(s.seed, epoch) for s in members]), ctx.sharding
         )
 
@@ -364,18 +366,20 @@ def train_chunk(ctx: ChunkContext, chunk: Chunk, members, run, prog: Program) ->
         if old != final:
             mgr.delete(old)
     ev = epochs.evaluate(prog.evaluate, state, specs, ctx.data)
-    rows = _result_rows(config, chunk, members, run, jax.device_get((state, specs)), ev, progress)
-    path = chunk_result_path(ctx.workdir, chunk.index)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"chunk": chunk.index, "history": progress.history, "rows": rows}))
-    os.replace(tmp, path)
+    rows = _result_rows(config, chunk, members, run, multihost.fetch((state, specs)), ev, progress)
+    if multihost.is_primary():
+        path = chunk_result_path(ctx.workdir, chunk.index)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps({"chunk": chunk.index, "history": progress.history, "rows": rows})
+        )
+        os.replace(tmp, path)
     return rows
 
 
 def _start_chunk(run, chunk: Chunk, members, mgr, sharding):
     """A chunk's stacked specs and state on the devices, and its progress: from its latest
     checkpoint, or (none yet) made as each setting's lone run makes them."""
-    import jax
 
     from experiments import common
 
@@ -392,7 +396,7 @@ def _start_chunk(run, chunk: Chunk, members, mgr, sharding):
             diverged_step=list(meta["diverged_step"]),
         )
         specs = stack([common.make_spec(run, **s.spec_values()) for s in members])
-    specs, state = jax.device_put((specs, state), sharding)
+    specs, state = multihost.put((specs, state), sharding)
     return specs, state, progress
 
 

@@ -8,7 +8,14 @@ compression, fine-tuning with frozen masks. Each epoch is one jitted ``lax.scan`
 device-resident data, or for a model with convolutions on a CPU a host loop of one jitted
 step (``--loop``; ``qsparse.training.make_epoch_runner``). Rerunning the same command
 resumes from the latest checkpoint.
-Writes DIR/config.json, DIR/checkpoints/, TensorBoard events in DIR, DIR/results.json.
+Writes DIR/config.json, DIR/checkpoints/, TensorBoard events in DIR, DIR/results.json; holds
+DIR/.lock meanwhile, so a second run on DIR stops at once (``experiments.workdir``).
+
+With several devices, or several processes (``--coordinator_address``, ``--num_processes``,
+``--process_id``; ``experiments.multihost``), the run is data-parallel: each batch is split
+along the mesh axis ``"data"`` over every device of every process, each device gathering its
+own rows; parameters, masks and quantizer state are replicated and the compiled step reduces
+the gradients. Process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +34,9 @@ FLAGS = flags.FLAGS
 
 def define_flags():
     """Defines the CLI flags (only when run as a program, so modules can share flag names)."""
+    from experiments import multihost
+
+    multihost.define_flags()
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
     flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
     flags.DEFINE_bool("overwrite", False, "Replace a workdir that holds a run of another config.")
@@ -62,10 +71,7 @@ def train_and_evaluate(
     Returns:
       The results dict (also written to ``workdir/results.json``).
     """
-    import jax
-
-    from experiments import common, epochs
-    from qsparse import data as qdata
+    from experiments import common, multihost
     from qsparse import training
 
     workdir = Path(workdir)
@@ -74,19 +80,38 @@ def train_and_evaluate(
         raise ValueError(f"loop={loop!r} is not allowed: use one of {training.LOOPS}")
     ds = common.load_data(config) if dataset is None else dataset
     run = common.build_run(config, ds)  # validates the batch size and the block shapes
-    common.guard_workdir(workdir, config, overwrite)
+    with multihost.hold_workdir(workdir, "train"):
+        if multihost.is_primary():
+            common.guard_workdir(workdir, config, overwrite)
+        multihost.barrier("train: workdir ready")
+        return _train(run, ds, workdir, loop)
 
+
+def _train(run, ds, workdir: Path, loop: str) -> dict:
+    """Trains (or resumes) a run in its claimed workdir; see :func:`train_and_evaluate`."""
+    import jax
+
+    from experiments import common, epochs, multihost
+    from qsparse import training
+
+    config = run.config
+    mesh = data_mesh(config.batch_size)
     spec = common.make_spec(run)
     teacher = _teacher_logits(config, ds) if config.distill.weight > 0 else None
-    dev = qdata.to_device(ds)
+    dev, spec, state = placed(mesh, ds, spec, common.init_state(run, spec, config.seed))
     mgr = common.checkpoint_manager(workdir / "checkpoints", config.keep_checkpoints)
-    state, progress = _resume(mgr, common.init_state(run, spec, config.seed))
+    state, progress = _resume(mgr, state)
     # A jitted scanned epoch, or a host loop of jitted steps; the state passed in is donated.
     epoch_fn = training.make_epoch_runner(
-        run.model, run.plan, run.sched, config.batch_size, loop=loop
+        run.model,
+        run.plan,
+        run.sched,
+        config.batch_size,
+        loop=loop,
+        batch_sharding=None if mesh is None else _data_sharding(mesh),
     )
     eval_fn = jax.jit(training.make_eval(run.model, run.plan, config.eval_batch_size))
-    writer = common.make_writer(workdir)
+    writer = common.make_writer(workdir) if multihost.is_primary() else common.NullWriter()
     if progress.epoch == 0:
         writer.write_hparams(json.loads(common.config_json(config)))
     try:
@@ -106,7 +131,55 @@ def train_and_evaluate(
     finally:
         writer.flush()
     ev = epochs.evaluate(eval_fn, state, spec, dev)
-    return _write_results(workdir, run, state, spec, ev, progress)
+    results = _results(run, jax.device_get(state), jax.device_get(spec), ev, progress)
+    if multihost.is_primary():
+        common.write_json(workdir / "results.json", results)
+    return results
+
+
+def data_mesh(batch_size: int):
+    """The ``"data"`` mesh over every device of every process, or ``None`` with one device.
+
+    Raises:
+      ValueError: the batch does not split evenly over the devices.
+    """
+    import jax
+    import numpy as np
+    from jax.sharding import Mesh
+
+    devices = jax.devices()
+    if len(devices) == 1:
+        return None
+    if batch_size % len(devices):
+        raise ValueError(
+            f"batch_size={batch_size} is not allowed on {len(devices)} devices: use a multiple"
+            f" of {len(devices)}"
+        )
+    return Mesh(np.array(devices), ("data",))
+
+
+def _data_sharding(mesh):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    return NamedSharding(mesh, P("data"))
+
+
+def placed(mesh, ds, spec, state):
+    """The data, spec and state on the devices: replicated on ``mesh`` (every process puts
+    its own copy), or on the default device without one."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from experiments import multihost
+    from qsparse import data as qdata
+
+    if mesh is None:
+        return qdata.to_device(ds), spec, state
+    replicated = NamedSharding(mesh, P())
+    host = jax.device_get((spec, state))
+    return (qdata.to_device(ds, replicated), *multihost.put(host, replicated))
 
 
 @dataclasses.dataclass
@@ -143,6 +216,8 @@ def _resume(mgr, state):
 
 def _log_epoch(run, writer, progress: _Progress, e) -> None:
     """Records a finished epoch: its history row, TensorBoard scalars and the epoch line."""
+    import jax
+
     from experiments import common
     from qsparse import training
 
@@ -173,6 +248,8 @@ def _log_epoch(run, writer, progress: _Progress, e) -> None:
     progress.history.append(row)
     writer.write_scalars(e.step, {k: v for k, v in row.items() if k not in ("epoch", "step")})
     writer.write_scalars(e.step, {"eta_seconds": eta})
+    if jax.process_index():  # one process prints the run's progress
+        return
     print(
         f"epoch {e.index + 1}/{total} step {e.step} loss {row['train_loss']:.4f} "
         f"train_acc {row['train_accuracy']:.4f} test_acc {row['test_accuracy']:.4f} "
@@ -184,8 +261,8 @@ def _log_epoch(run, writer, progress: _Progress, e) -> None:
         print(f"warning: loss became non-finite at step {int(e.train['first_nonfinite_step'])}")
 
 
-def _write_results(workdir: Path, run, state, spec, ev, progress: _Progress) -> dict:
-    """The results dict of a finished run, written to ``workdir/results.json``."""
+def _results(run, state, spec, ev, progress: _Progress) -> dict:
+    """The results dict of a finished run (``workdir/results.json``)."""
     from experiments import common
 
     config = run.config
@@ -201,9 +278,6 @@ def _write_results(workdir: Path, run, state, spec, ev, progress: _Progress) -> 
             "config": json.loads(common.config_json(config)),
         }
     )
-    tmp = workdir / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, workdir / "results.json")
     return results
 
 
@@ -240,9 +314,11 @@ def summary_line(r: dict) -> str:
 
 def main(argv):
     del argv
-    from experiments import common
+    from experiments import common, multihost
+    from experiments import workdir as workdir_lock
 
     common.cli_start(FLAGS)
+    multihost.initialize_from_flags(FLAGS)
     try:
         results = train_and_evaluate(
             FLAGS.config,
@@ -250,10 +326,13 @@ def main(argv):
             overwrite=FLAGS.overwrite,
             loop=FLAGS.loop,
         )
-    except (common.ConfigError, FileNotFoundError, ValueError) as e:
+    except multihost.ProcessLost as e:
+        multihost.exit_lost(e)
+    except (common.ConfigError, FileNotFoundError, ValueError, workdir_lock.WorkdirInUse) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(summary_line(results), flush=True)
+    if multihost.is_primary():
+        print(summary_line(results), flush=True)
 
 
 if __name__ == "__main__":

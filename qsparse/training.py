@@ -319,7 +319,15 @@ def make_train_step(model, plan: Plan, sched: Schedule, *, guard: bool = True):
     return train_step
 
 
-def make_train_epoch(model, plan: Plan, sched: Schedule, batch_size: int, *, guard: bool = True):
+def make_train_epoch(
+    model,
+    plan: Plan,
+    sched: Schedule,
+    batch_size: int,
+    *,
+    guard: bool = True,
+    batch_sharding=None,
+):
     """One epoch as a single ``lax.scan`` over device-resident data.
 
     To train, :func:`make_epoch_runner` gives the epoch ready to call in the form that is
@@ -334,6 +342,9 @@ def make_train_epoch(model, plan: Plan, sched: Schedule, batch_size: int, *, gua
       guard: track non-finite losses (``all_finite``, ``first_nonfinite_step``); ``False``
         reports every step finite and exists to measure the guard's cost
         (``scripts/bench.py``).
+      batch_sharding: data parallelism: a ``jax.sharding.Sharding`` of a batch's leading axis
+        (e.g. ``NamedSharding(mesh, P("data"))``); each device gathers and trains on its part
+        of every batch, and the compiled program reduces the gradients. ``None``: as placed.
 
     Returns:
       ``epoch(state, images_u8, labels, key, spec, teacher=None) -> (state, metrics)`` with
@@ -345,7 +356,7 @@ def make_train_epoch(model, plan: Plan, sched: Schedule, batch_size: int, *, gua
         perm = data.epoch_indices(key, images.shape[0], batch_size)
 
         def body(st, idx):
-            return _gathered_step(step_fn, st, idx, images, labels, spec, teacher)
+            return _gathered_step(step_fn, st, idx, images, labels, spec, teacher, batch_sharding)
 
         start = state.step
         state, ms = jax.lax.scan(body, state, perm)
@@ -354,8 +365,10 @@ def make_train_epoch(model, plan: Plan, sched: Schedule, batch_size: int, *, gua
     return epoch
 
 
-def _gathered_step(step_fn, state, idx, images, labels, spec, teacher):
+def _gathered_step(step_fn, state, idx, images, labels, spec, teacher, batch_sharding=None):
     """One step on the batch ``idx`` gathered from the device-resident data (both loops)."""
+    if batch_sharding is not None:  # each device gathers its own rows from its replica
+        idx = jax.lax.with_sharding_constraint(idx, batch_sharding)
     x, y = data.get_batch(images, labels, idx)
     batch = (x, y) if teacher is None else (x, y, teacher[idx])
     return step_fn(state, batch, spec)
@@ -435,7 +448,15 @@ class EpochSteps(NamedTuple):
     end: Any
 
 
-def make_epoch_steps(model, plan: Plan, sched: Schedule, batch_size: int, *, guard: bool = True):
+def make_epoch_steps(
+    model,
+    plan: Plan,
+    sched: Schedule,
+    batch_size: int,
+    *,
+    guard: bool = True,
+    batch_sharding=None,
+):
     """One epoch as a host loop of steps: :func:`make_train_epoch` without the ``lax.scan``.
 
     Running ``begin``, then ``step`` once per row of ``perm``, then ``end`` (each jitted)
@@ -448,6 +469,7 @@ def make_epoch_steps(model, plan: Plan, sched: Schedule, batch_size: int, *, gua
       sched: the schedule.
       batch_size: examples per step (the remainder of the epoch is dropped).
       guard: as in :func:`make_train_epoch`.
+      batch_sharding: as in :func:`make_train_epoch`.
 
     Returns:
       An :class:`EpochSteps`.
@@ -467,7 +489,9 @@ def make_epoch_steps(model, plan: Plan, sched: Schedule, batch_size: int, *, gua
 
     def step(state, progress, perm, images, labels, spec, teacher=None):
         i = progress["i"]
-        state, m = _gathered_step(step_fn, state, perm[i], images, labels, spec, teacher)
+        state, m = _gathered_step(
+            step_fn, state, perm[i], images, labels, spec, teacher, batch_sharding
+        )
         progress = {
             "i": i + 1,
             "loss": progress["loss"].at[i].set(m["loss"]),
@@ -511,7 +535,14 @@ def steps_epoch(begin, step, end):
 
 
 def make_epoch_runner(
-    model, plan: Plan, sched: Schedule, batch_size: int, *, loop: str = "auto", guard: bool = True
+    model,
+    plan: Plan,
+    sched: Schedule,
+    batch_size: int,
+    *,
+    loop: str = "auto",
+    guard: bool = True,
+    batch_sharding=None,
 ):
     """A ready-to-call training epoch, in the form :func:`pick_loop` picks.
 
@@ -522,6 +553,7 @@ def make_epoch_runner(
       batch_size: examples per step (the remainder of the epoch is dropped).
       loop: ``"auto"``, ``"scan"`` or ``"steps"`` (see :func:`pick_loop`).
       guard: as in :func:`make_train_epoch`.
+      batch_sharding: as in :func:`make_train_epoch` (data parallelism).
 
     Returns:
       ``epoch(state, images_u8, labels, key, spec, teacher=None) -> (state, metrics)``, with
@@ -532,10 +564,14 @@ def make_epoch_runner(
     """
     form = pick_loop(plan, loop)
     if form == "scan":
-        scanned = make_train_epoch(model, plan, sched, batch_size, guard=guard)
+        scanned = make_train_epoch(
+            model, plan, sched, batch_size, guard=guard, batch_sharding=batch_sharding
+        )
         fn = jax.jit(scanned, donate_argnums=0)
     else:
-        parts = make_epoch_steps(model, plan, sched, batch_size, guard=guard)
+        parts = make_epoch_steps(
+            model, plan, sched, batch_size, guard=guard, batch_sharding=batch_sharding
+        )
         fn = steps_epoch(
             jax.jit(parts.begin), jax.jit(parts.step, donate_argnums=(0, 1)), jax.jit(parts.end)
         )

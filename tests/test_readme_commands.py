@@ -89,8 +89,10 @@ def test_every_readme_command_after_the_quick_start_runs(tmp_path):
     digits = data.load("digits")
     _write_idx(tmp_path / "idx", digits.test_x[..., 0], digits.test_y)
 
-    seen = set()
+    seen, background = set(), []
+    port = str(_free_port())
     for command in readme_commands():
+        command = command.replace("127.0.0.1:12355", f"127.0.0.1:{port}")
         if command.startswith("pip install"):
             seen.add("pip")  # what it installs: tests/test_install.py
             continue
@@ -105,8 +107,16 @@ def test_every_readme_command_after_the_quick_start_runs(tmp_path):
                 _run([sys.executable, script, "--help"], env)
             seen.add("study")
             continue
+        if command.endswith(" &"):  # one process of a multi-process run, the next in front
+            argv = _as_run_here(command[:-2], tmp_path)
+            background.append(subprocess.Popen(argv, cwd=ROOT, env=env, stderr=subprocess.PIPE))
+            continue
         argv = _as_run_here(command, tmp_path)
         done = _run(argv, env)
+        for p in background:
+            assert p.wait(timeout=600) == 0, p.stderr.read().decode()[-3000:]
+            seen.add("processes")
+        background = []
         if "decode_numpy.py" in command:
             assert json.loads(done.stdout)["examples"] == len(digits.test_y)
             seen.add("decoder")
@@ -114,4 +124,13 @@ def test_every_readme_command_after_the_quick_start_runs(tmp_path):
             seen.add("notebook")
         else:
             seen.add(argv[2].split(".")[-1])
-    assert seen >= {"train", "sweep", "export", "decoder", "notebook"}, seen
+    assert seen >= {"train", "sweep", "export", "decoder", "notebook", "processes"}, seen
+    assert (tmp_path / "runs" / "digits2" / "results.json").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

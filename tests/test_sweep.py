@@ -283,21 +283,21 @@ def lenet_config(**over):
 
 def test_conv_sweep_steps_every_setting_and_matches_scan(tmp_path):
     """A conv model on the CPU: a host loop of one program stepping both settings of a chunk
-    (no convolution inside a loop). Each setting gets its lone run's numbers bit for bit, and
-    the scanned epoch's (under lax.map) up to the order of float sums."""
+    (no convolution inside a loop). Each setting gets its lone run's numbers and the scanned
+    epoch's (under lax.map) up to the order of float sums, which XLA may pick otherwise for
+    settings side by side in one program."""
     config = lenet_config()
     rows, traces = run_counted(config, tmp_path / "steps", fresh=True)  # loop="auto"
     assert {p.loop for p in PROGRAMS.compiled.values()} == {"steps"}
     shape = ("lenet", (32,), (8, 16))
     assert traces == {("epoch", shape): 1, ("eval", shape): 1}  # two chunks, one program
     assert [r["chunk"] for r in rows] == [0, 0, 1, 1]
-    lone = train_and_evaluate(
-        sweep.setting_config(config, sweep.enumerate_settings(config)[0]), tmp_path / "lone"
-    )
-    assert (rows[0]["w_bits"], rows[0]["a_bits"]) == (lone["w_bits"], lone["a_bits"]) == (4, 4)
-    assert rows[0]["test_accuracy"] == pytest.approx(lone["test_accuracy"], abs=1e-4)
+    settings = sweep.enumerate_settings(config)
+    lone = train_and_evaluate(sweep.setting_config(config, settings[3]), tmp_path / "lone")
+    assert (rows[3]["w_bits"], rows[3]["a_bits"]) == (lone["w_bits"], lone["a_bits"]) == (32, 32)
+    assert rows[3]["test_accuracy"] == pytest.approx(lone["test_accuracy"], abs=1e-4)
     for k in MEMORY:
-        assert rows[0][k] == lone[k], k
+        assert rows[3][k] == lone[k], k
     scanned, _ = run_counted(config, tmp_path / "scan", loop="scan")
     assert {p.loop for p in PROGRAMS.compiled.values()} == {"steps", "scan"}
     for r, ref in zip(rows, scanned):
