@@ -70,6 +70,10 @@ def get_base() -> ml_collections.ConfigDict:
     c.distill.temperature = 4.0
     c.distill.teacher_workdir = ""  # a finished FP32 run's workdir (its checkpoint is the teacher)
 
+    # A finished run's workdir (e.g. FP32): its weights and batch statistics start this run,
+    # and the weight quantizers' steps are initialised from them ("" = a fresh network).
+    c.init_from = ""
+
     c.checkpoint_every_epochs = 1
     c.keep_checkpoints = 3
     return c

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -205,6 +206,13 @@ def _validate_paths(config) -> None:
             and (Path(config.distill.teacher_workdir) / "results.json").exists(),
             "distill.teacher_workdir",
             config.distill.teacher_workdir,
+            "use the workdir of a finished run (it has results.json)",
+        )
+    if config.get("init_from"):
+        _check(
+            (Path(config.init_from) / "results.json").exists(),
+            "init_from",
+            config.init_from,
             "use the workdir of a finished run (it has results.json)",
         )
     if config.idx_dir:
@@ -620,7 +628,31 @@ def init_state(run: Run, spec, seed: int):
     """
     key = jax.random.fold_in(jax.random.key(seed), 0)
     x = jnp.zeros((1, *run.dataset.input_shape), jnp.float32)
-    return training.init_state(run.model, run.plan, run.sched, spec, key, x)
+    start = {}
+    if run.config.get("init_from"):
+        params, model_state = finished_weights(run.config.init_from)
+        start = {"params": params, "model_state": model_state}
+    try:
+        return training.init_state(run.model, run.plan, run.sched, spec, key, x, **start)
+    except ValueError as e:
+        raise ConfigError(
+            f"init_from={run.config.init_from!r} holds another model than this config's: {e}"
+        ) from e
+
+
+@functools.lru_cache(maxsize=4)
+def finished_weights(workdir: str):
+    """The model parameters and other collections (batch statistics) of a finished run, on
+    the host, for ``init_from`` (read once per process).
+
+    Args:
+      workdir: the run's directory.
+
+    Returns:
+      ``(params, model_state)``.
+    """
+    _, _, state, _ = restore_run(workdir)
+    return jax.device_get((state.params[training.PARAMS], state.model_state))
 
 
 def epoch_key(seed: int, epoch: int):

@@ -205,7 +205,9 @@ def _per_setting_vmap(axis_size, in_batched, x, like):
     return jnp.broadcast_to(x, (axis_size, *x.shape)), True
 
 
-def init_state(model, plan: Plan, sched: Schedule, spec, key, sample_x) -> TrainState:
+def init_state(
+    model, plan: Plan, sched: Schedule, spec, key, sample_x, *, params=None, model_state=None
+) -> TrainState:
     """Initial parameters, model state, quantizer parameters and optimizer state.
 
     Args:
@@ -215,13 +217,23 @@ def init_state(model, plan: Plan, sched: Schedule, spec, key, sample_x) -> Train
       spec: the spec (LSQ steps start from its bit widths).
       key: PRNG key for the parameters (Linen) and for dropout.
       sample_x: an input batch (shapes only matter).
+      params: start from these model parameters (e.g. a trained FP32 network's) instead of
+        fresh ones; the weight quantizers' steps are then initialised from them.
+      model_state: start from these other collections (batch statistics) too.
 
     Returns:
       A :class:`TrainState` at step 0.
+
+    Raises:
+      ValueError: ``params`` or ``model_state`` do not have the model's structure and shapes.
     """
     del model  # the plan holds it
     init_key, drop_key = jax.random.split(key)
-    params, model_state = plan.init_variables(init_key, sample_x)
+    fresh, fresh_state = plan.init_variables(init_key, sample_x)
+    params = fresh if params is None else _like("params", params, fresh)
+    model_state = (
+        fresh_state if model_state is None else _like("model_state", model_state, fresh_state)
+    )
     tree = {PARAMS: params, QUANT: plan.init_qparams(params, spec["layers"])}
     opt_state = make_optimizer(plan, sched, spec).init(tree)
     return TrainState(
@@ -231,6 +243,26 @@ def init_state(model, plan: Plan, sched: Schedule, spec, key, sample_x) -> Train
         model_state=model_state,
         rng=jax.random.key_data(drop_key),
     )
+
+
+def _like(name: str, given, fresh):
+    """``given`` as arrays, checked against the structure and shapes of ``fresh``."""
+    got = jax.tree_util.tree_flatten_with_path(given)[0]
+    want = jax.tree_util.tree_flatten_with_path(fresh)[0]
+    if [p for p, _ in got] != [p for p, _ in want]:
+        missing = {jax.tree_util.keystr(p) for p, _ in want} ^ {
+            jax.tree_util.keystr(p) for p, _ in got
+        }
+        raise ValueError(
+            f"{name} do not match the model's: these paths differ: {sorted(missing)[:3]}"
+        )
+    for (path, g), (_, f) in zip(got, want):
+        if jnp.shape(g) != jnp.shape(f):
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} has shape {jnp.shape(g)}: the model's is"
+                f" {jnp.shape(f)}"
+            )
+    return jax.tree.map(lambda g, f: jnp.asarray(g, f.dtype), given, fresh)
 
 
 def logits_fn(model, plan: Plan, params, spec, x, model_state=None):

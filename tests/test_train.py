@@ -131,3 +131,34 @@ def test_target_reached_when_pruning_ends_with_training(tmp_path, capsys):
     summary = summary_line(r)
     assert "blocks 4x (achieved block sparsity 0.750)" in summary
     assert f"= {r['weight_compression']:.1f}x" in summary
+
+
+def test_init_from_a_finished_fp32_run(tmp_path):
+    """A 2/2/4X run started from a finished FP32 run: its first step's weights are that run's,
+    the weight quantizers' steps come from them, and another model is a one-line error."""
+    import jax
+    import numpy as np
+
+    wd = tmp_path / "fp32"
+    fp32 = {"quant.w_bits": 32, "quant.a_bits": 32, "sparsity.compression": 1.0}
+    train_and_evaluate(small_config(num_epochs=8, **fp32, **{"sparsity.prune_end_epoch": 8}), wd)
+    _, _, trained, _ = common.restore_run(wd)
+    config = small_config(init_from=str(wd))
+    run = common.build_run(config)
+    spec = common.make_spec(run)
+    state = common.init_state(run, spec, seed=7)
+    jax.tree.map(np.testing.assert_array_equal, state.params["params"], trained.params["params"])
+    fresh = common.init_state(common.build_run(small_config()), spec, seed=7)
+    steps = [np.asarray(x) for x in jax.tree.leaves(state.params["quant"])]
+    fresh_steps = [np.asarray(x) for x in jax.tree.leaves(fresh.params["quant"])]
+    assert any(not np.array_equal(a, b) for a, b in zip(steps, fresh_steps, strict=True))
+    short = {"num_epochs": 4, "sparsity.prune_begin_epoch": 0, "sparsity.prune_end_epoch": 2}
+    tuned = train_and_evaluate(small_config(init_from=str(wd), **short), tmp_path / "ft")
+    scratch = train_and_evaluate(small_config(**short), tmp_path / "scratch")
+    assert tuned["test_accuracy"] > scratch["test_accuracy"] + 0.02
+    other = small_config(init_from=str(wd), **{"model.hidden": (64, 64)})
+    with pytest.raises(common.ConfigError, match="init_from=.* holds another model") as e:
+        common.init_state(common.build_run(other), common.make_spec(common.build_run(other)), 0)
+    assert "\n" not in str(e.value)
+    with pytest.raises(common.ConfigError, match="init_from"):
+        common.validate(small_config(init_from=str(tmp_path / "nowhere")))
