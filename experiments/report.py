@@ -255,6 +255,7 @@ _LEVERS = {
     "long_ft": "45 epochs (31 of fine-tuning) instead of 30",
     "distill": "distillation from the FP32 anchor (weight 0.7, T=4)",
     "f32_grads": "float32 backward matmuls instead of bfloat16 (quant.bf16_grads)",
+    "init_fp32": "started from the FP32 anchor's weights (init_from), 30 more epochs",
 }
 
 

@@ -13,7 +13,8 @@
 #   levers   experiments.train: the joint setting with one lever changed each: max-abs instead
 #            of learned (LSQ) steps, fixed instead of learned (PACT) clips, no proximal block
 #            lasso, balanced blocks, 45 instead of 30 epochs, distillation from the FP32
-#            anchor, float32 instead of bfloat16 backward matmuls (~10 min)
+#            anchor, float32 instead of bfloat16 backward matmuls, starting from the FP32
+#            anchor's weights (seeds 0-2) (~14 min)
 #   grid     experiments.sweep configs/repro_grid.py: 60 settings w x a x compression (~8 min)
 #   shapes   experiments.sweep configs/repro_shapes.py: shallow-dense vs wide- vs deep-sparse
 #            at matched kept weights (~4.5 min)
@@ -71,6 +72,12 @@ for part in "${PARTS[@]}"; do
       train distill configs/joint.py "$OUT/levers" --config.distill.weight=0.7 \
         --config.distill.teacher_workdir="$RUNS/dense_fp32"
       train f32_grads configs/joint.py "$OUT/levers" --config.quant.bf16_grads=False
+      train init_fp32 configs/joint.py "$OUT/levers" --config.init_from="$RUNS/dense_fp32"
+      mkdir -p "$OUT/levers/seeds"
+      for seed in 1 2; do  # the FP32 start over the anchors' seeds
+        train "init_fp32_seed$seed" configs/joint.py "$OUT/levers/seeds" --config.seed=$seed \
+          --config.init_from="$RUNS/dense_fp32_seed$seed"
+      done
       ;;
     grid) sweep grid configs/repro_grid.py ;;
     shapes) sweep shapes configs/repro_shapes.py ;;

@@ -39,10 +39,10 @@ TRAIN = [
     "--config.quant.w_bits=32",
     "--config.quant.a_bits=32",
     "--config.quant.bf16_grads=False",
-    "--config.num_epochs=6",
+    "--config.num_epochs=4",
     "--config.sparsity.prune_begin_epoch=1",
-    "--config.sparsity.prune_end_epoch=4",
-    "--config.checkpoint_every_epochs=3",
+    "--config.sparsity.prune_end_epoch=3",
+    "--config.checkpoint_every_epochs=2",
 ]
 
 
@@ -161,7 +161,7 @@ def test_train_data_parallel_matches_one_device(tmp_path):
 
     for run in ("devices", "processes"):
         hist = _history(tmp_path / run)
-        assert len(hist) == len(ref) == 6
+        assert len(hist) == len(ref) == 4
         for a, b in zip(hist, ref, strict=True):
             np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-5)
             assert a["test_accuracy"] == b["test_accuracy"]
@@ -173,7 +173,7 @@ def test_train_data_parallel_matches_one_device(tmp_path):
 
 
 def test_second_run_on_a_held_workdir_stops_at_once(tmp_path):
-    args = [*TRAIN, "--config.num_epochs=3", "--config.sparsity.prune_end_epoch=2"]
+    args = [*TRAIN, "--config.num_epochs=2", "--config.sparsity.prune_end_epoch=2"]
     a = _start("train", args, tmp_path / "wd")
     b = _start("train", args, tmp_path / "wd")
     results = sorted([_finish(a), _finish(b)], key=lambda r: r[0])
