@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -368,12 +367,8 @@ def train_chunk(ctx: ChunkContext, chunk: Chunk, members, run, prog: Program) ->
     ev = epochs.evaluate(prog.evaluate, state, specs, ctx.data)
     rows = _result_rows(config, chunk, members, run, multihost.fetch((state, specs)), ev, progress)
     if multihost.is_primary():
-        path = chunk_result_path(ctx.workdir, chunk.index)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(
-            json.dumps({"chunk": chunk.index, "history": progress.history, "rows": rows})
-        )
-        os.replace(tmp, path)
+        result = {"chunk": chunk.index, "history": progress.history, "rows": rows}
+        common.write_json(chunk_result_path(ctx.workdir, chunk.index), result)
     return rows
 
 

@@ -45,21 +45,11 @@ COLUMNS = (
     "diverged",
     "diverged_step",
 )
-_INT_COLUMNS = {
+# Counts: every bit total and bit width, and the ids and step counts.
+_INT_COLUMNS = {c for c in COLUMNS if c.endswith("_bits")} | {
     "setting",
     "chunk",
     "seed",
-    "w_bits",
-    "a_bits",
-    "weight_memory_bits",
-    "fp32_weight_memory_bits",
-    "codes_bits",
-    "index_bits",
-    "scale_bits",
-    "other_bits",
-    "peak_activation_bits",
-    "total_activation_bits",
-    "total_memory_bits",
     "num_params",
     "steps",
     "diverged_step",

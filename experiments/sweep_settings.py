@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -309,9 +308,7 @@ def load_layout(workdir: Path, chunks: list[Chunk], num_devices: int) -> list[Ch
 
     path = workdir / "chunks.json"
     if not path.exists():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(_layout_json(chunks), indent=1))
-        os.replace(tmp, path)
+        common.write_json(path, _layout_json(chunks))
         return chunks
     saved = [
         Chunk(int(c["chunk"]), tuple(int(i) for i in c["ids"]), int(c["num_real"]))
