@@ -13,7 +13,8 @@ def get_base() -> ml_collections.ConfigDict:
       A ConfigDict (unlocked; the caller locks it).
     """
     c = ml_collections.ConfigDict()
-    c.dataset = "fashion_mnist"  # mnist | fashion_mnist | kmnist | cifar10 | digits | synthetic
+    # mnist | fashion_mnist | kmnist | cifar10 | digits | synthetic | synthetic_cifar10
+    c.dataset = "fashion_mnist"
     c.data_dir = ""  # prepared TFDS data; "" = $QSPARSE_DATA_DIR or ~/.cache/qsparse/tfds
     c.idx_dir = ""  # a directory of IDX files; "" = the Debian package's files, then TFDS
 

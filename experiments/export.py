@@ -65,6 +65,10 @@ _SOURCES = {
         "qsparse.data synthetic images, generated uint8",
         "the generated test images (qsparse.data.load('synthetic'), seed 0)",
     ),
+    "synthetic_cifar10": (
+        "qsparse.data synthetic 32x32x3 images, generated uint8",
+        "the generated test images (qsparse.data.load('synthetic_cifar10'), seed 0)",
+    ),
 }
 INPUT_CONVERSION = "x = float32(u8) * float32(1/255), as qsparse.data.normalize computes it"
 

@@ -9,6 +9,8 @@
 - `cifar10`: TFDS's own builder (network and TensorFlow needed).
 - `digits`: scikit-learn's 8x8 digits (shipped with scikit-learn), split 1437 / 360.
 - `synthetic`: random 28x28 images with learnable class patterns, for tests and benchmarks.
+- `synthetic_cifar10`: the same kind of images at CIFAR-10's shape (32x32x3, 10 classes), so
+  the CIFAR-10 path runs end to end without network.
 
 The batching helpers (`to_device`, `epoch_indices`, `get_batch`, `eval_batches`) keep the
 whole data set on the device and gather batches by index, so an epoch can run as one
@@ -43,7 +45,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DATASETS = ("mnist", "fashion_mnist", "kmnist", "cifar10", "digits", "synthetic")
+DATASETS = (
+    "mnist",
+    "fashion_mnist",
+    "kmnist",
+    "cifar10",
+    "digits",
+    "synthetic",
+    "synthetic_cifar10",
+)
+# Generated stand-ins: name -> image shape.
+_SYNTHETIC_SHAPES = {"synthetic": (28, 28, 1), "synthetic_cifar10": (32, 32, 3)}
 
 # Data sets read from IDX files through `qsparse.idx_builder`.
 _IDX_DATASETS = ("mnist", "fashion_mnist", "kmnist")
@@ -158,8 +170,8 @@ def load(
       data_dir: where TFDS data is prepared and read; default `default_data_dir()`.
       idx_dir: a directory of IDX files (`train-images-idx3-ubyte(.gz)`, ...), for the
         MNIST-like data sets.
-      synthetic_size: `(n_train, n_test)` for `synthetic`.
-      seed: seed of the `digits` train/test split and of the `synthetic` images.
+      synthetic_size: `(n_train, n_test)` for `synthetic` and `synthetic_cifar10`.
+      seed: seed of the `digits` train/test split and of the generated images.
 
     Returns:
       The `Dataset`.
@@ -172,8 +184,8 @@ def load(
     _check_name(name)
     if name == "digits":
         return _load_digits(seed)
-    if name == "synthetic":
-        return _load_synthetic(synthetic_size, seed)
+    if name in _SYNTHETIC_SHAPES:
+        return _load_synthetic(synthetic_size, seed, name)
     data_dir = pathlib.Path(data_dir) if data_dir is not None else default_data_dir()
     if name in _IDX_DATASETS:
         builder = _idx_builder(name, data_dir, idx_dir)
@@ -199,7 +211,8 @@ def prepare(
       The directory that holds the prepared data.
 
     Raises:
-      ValueError: for a name that needs no preparation (`digits`, `synthetic`) or is unknown.
+      ValueError: for a name that needs no preparation (`digits`, the generated ones) or is
+        unknown.
       FileNotFoundError, ModuleNotFoundError: as in `load`.
     """
     _check_name(name)
@@ -349,22 +362,25 @@ def _stratified_test_indices(y: np.ndarray, n_test: int, seed: int) -> np.ndarra
     return np.sort(np.concatenate(picked))
 
 
-def _load_synthetic(size: tuple[int, int], seed: int) -> Dataset:
+def _load_synthetic(size: tuple[int, int], seed: int, name: str = "synthetic") -> Dataset:
     n_train, n_test = size
     num_classes = 10
+    h, w, c = _SYNTHETIC_SHAPES[name]
     rng = np.random.default_rng(seed)
-    # Each class has a smooth mean image (7x7 pattern upsampled 4x); noise hides it partly, so
+    # Each class has a smooth mean image (a pattern upsampled 4x); noise hides it partly, so
     # a model has something to learn but cannot be perfect from one pixel.
-    means = np.kron(rng.uniform(32, 224, (num_classes, 7, 7)), np.ones((4, 4)))
+    pattern = (num_classes, h // 4, w // 4) + ((c,) if c > 1 else ())
+    up = (4, 4) + ((1,) if c > 1 else ())
+    means = np.kron(rng.uniform(32, 224, pattern), np.ones(up)).reshape(num_classes, h, w, c)
 
     def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
         y = rng.integers(0, num_classes, n).astype(np.int32)
-        x = means[y] + rng.normal(0.0, 64.0, (n, 28, 28))
-        return np.clip(np.round(x), 0, 255).astype(np.uint8)[..., None], y
+        x = means[y] + rng.normal(0.0, 64.0, (n, h, w, c))
+        return np.clip(np.round(x), 0, 255).astype(np.uint8), y
 
     train_x, train_y = sample(n_train)
     test_x, test_y = sample(n_test)
-    return Dataset(train_x, train_y, test_x, test_y, num_classes=num_classes, name="synthetic")
+    return Dataset(train_x, train_y, test_x, test_y, num_classes=num_classes, name=name)
 
 
 def _missing_hint(name: str) -> str:

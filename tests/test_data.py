@@ -63,11 +63,15 @@ def test_digits_shapes_and_dtypes():
     np.testing.assert_array_equal(ds.test_x, again.test_x)
 
 
-def test_synthetic_deterministic_and_learnable():
-    a = data.load("synthetic", synthetic_size=(300, 100))
-    b = data.load("synthetic", synthetic_size=(300, 100))
-    c = data.load("synthetic", synthetic_size=(300, 100), seed=1)
-    assert a.train_x.shape == (300, 28, 28, 1) and a.test_y.shape == (100,)
+@pytest.mark.parametrize(
+    "name,shape", [("synthetic", (28, 28, 1)), ("synthetic_cifar10", (32, 32, 3))]
+)
+def test_synthetic_deterministic_and_learnable(name, shape):
+    a = data.load(name, synthetic_size=(300, 100))
+    b = data.load(name, synthetic_size=(300, 100))
+    c = data.load(name, synthetic_size=(300, 100), seed=1)
+    assert a.train_x.shape == (300, *shape) and a.test_y.shape == (100,)
+    assert a.name == name and a.input_shape == shape and a.num_classes == 10
     assert a.train_x.dtype == np.uint8 and a.train_y.dtype == np.int32
     np.testing.assert_array_equal(a.train_x, b.train_x)
     np.testing.assert_array_equal(a.test_y, b.test_y)

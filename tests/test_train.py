@@ -162,3 +162,26 @@ def test_init_from_a_finished_fp32_run(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(common.ConfigError, match="init_from"):
         common.validate(small_config(init_from=str(tmp_path / "nowhere")))
+
+
+@pytest.mark.slow
+def test_cifar10_config_runs_end_to_end_on_a_synthetic_stand_in(tmp_path):
+    """configs/cifar10_vgg.py as printed, on generated 32x32x3 images instead of TFDS."""
+    from configs import cifar10_vgg
+
+    c = cifar10_vgg.get_config()
+    c.dataset = "synthetic_cifar10"
+    c.num_epochs = 4
+    c.sparsity.prune_begin_epoch = 1
+    c.sparsity.prune_end_epoch = 3
+    c.sparsity.prune_every_steps = 4
+    c.checkpoint_every_epochs = 4
+    r = train_and_evaluate(c, tmp_path)
+    # The VGG on 32x32x3 inputs: 3x3x3 first conv, three 2x2 pools leave 4x4x128 for the Dense.
+    model = common.build_model(c, 10)
+    plan, names = common.build_plan(c, model, (32, 32, 3))
+    assert plan.layers[names[0]].kernel_shape == (3, 3, 3, 32)
+    assert plan.layers[names[-2]].kernel_shape == (4 * 4 * 128, 256)
+    assert r["num_params"] == plan.memory(plan.init_spec())["num_params"]
+    assert r["test_accuracy"] > 0.5  # chance is 0.10
+    assert r["block_sparsity"] > 0.5 and r["weight_compression"] > 10
