@@ -87,9 +87,13 @@ from experiments.sweep_loop import (
 )
 from experiments.sweep_report import (
     COLUMNS,
+    DESIGN_COLUMNS,
+    DESIGN_KEYS,
     FRONTIERS,
     PLOTS,
+    SEED_COLUMNS,
     TIMING_COLUMNS,
+    design_rows,
     fronts,
     label,
     plot_block_masks,
@@ -115,16 +119,20 @@ from experiments.sweep_settings import (
 
 __all__ = [  # what experiments.sweep offers, wherever it is defined
     "COLUMNS",
+    "DESIGN_COLUMNS",
+    "DESIGN_KEYS",
     "FRONTIERS",
     "GRID_KEYS",
     "PLOTS",
     "TIMING_COLUMNS",
+    "SEED_COLUMNS",
     "VARIANT_KEYS",
     "VECTORIZE",
     "Chunk",
     "Program",
     "Programs",
     "Setting",
+    "design_rows",
     "enumerate_settings",
     "fronts",
     "label",
@@ -390,9 +398,11 @@ def main(argv):
         sys.exit(2)
     if not multihost.is_primary():
         return
-    front = fronts(rows)
+    designs = design_rows(rows)
+    front = fronts(designs)
     print(
-        f"{len(rows)} settings in {common.fmt_time(time.perf_counter() - t0)}; Pareto "
+        f"{len(rows)} runs ({len(designs)} designs) in "
+        f"{common.fmt_time(time.perf_counter() - t0)}; Pareto "
         f"designs: {len(front['total'])} (total memory), {len(front['weight'])} (weight "
         f"memory); see {Path(FLAGS.workdir) / 'summary.md'}",
         flush=True,

@@ -2,6 +2,11 @@
 
 Every function here reads or writes result rows (one dict per setting, :data:`COLUMNS`); none
 trains. ``experiments.sweep`` re-exports the public names.
+
+A design trained with several seeds (the sweep's ``seeds`` axis) is one row of
+:func:`design_rows`: its test accuracy is the mean over the seeds, with their standard
+deviation; the fronts, pareto.csv, the plots (with error bars) and summary.md are on these
+means, and each design also says on how many seeds' own fronts it is (means.csv).
 """
 
 from __future__ import annotations
@@ -54,6 +59,21 @@ _INT_COLUMNS = {c for c in COLUMNS if c.endswith("_bits")} | {
     "steps",
     "diverged_step",
 }
+# A design over its seeds: the columns added to COLUMNS (see design_rows).
+SEED_COLUMNS = ("seeds", "test_accuracy_std", "front_total_seeds", "front_weight_seeds")
+DESIGN_COLUMNS = (*COLUMNS, *SEED_COLUMNS)
+# What tells designs apart; the seed does not.
+DESIGN_KEYS = (
+    "model",
+    "arch",
+    "hidden",
+    "w_bits",
+    "a_bits",
+    "block_compression",
+    "learning_rate",
+    "prox_strength",
+)
+_INT_COLUMNS |= {"seeds", "front_total_seeds", "front_weight_seeds"}
 _TEXT_COLUMNS = {"model", "arch", "hidden", "frontier"}
 FRONTIERS = {"total": "total_memory_bits", "weight": "weight_memory_bits"}
 PLOTS = {"total": "pareto.png", "weight": "pareto_weight.png"}
@@ -144,11 +164,59 @@ def fronts(rows: Sequence[Mapping]) -> dict[str, list[int]]:
     }
 
 
+def design_rows(rows: Sequence[Mapping]) -> list[dict]:
+    """One row per design (:data:`DESIGN_KEYS`), its seeds' runs summarised.
+
+    The row is the design's lowest-seed run (its setting id, memory and breakdown; seeds
+    differ in memory only where the proximal step zeroed extra blocks) with ``test_accuracy``,
+    ``test_loss`` and ``train_loss`` replaced by their means over the seeds, and
+    :data:`SEED_COLUMNS`: ``seeds`` (how many), ``test_accuracy_std`` (sample standard
+    deviation; NaN for one seed), and ``front_total_seeds`` / ``front_weight_seeds`` (on how
+    many of the seeds' own fronts the design is). A design with a diverged seed is diverged.
+
+    Args:
+      rows: result rows (one per run).
+
+    Returns:
+      The design rows, in order of each design's first run.
+    """
+    import numpy as np
+
+    groups: dict[tuple, list[Mapping]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in DESIGN_KEYS), []).append(r)
+    on_front = {(key, name): 0 for key in groups for name in FRONTIERS}
+    for seed in sorted({r["seed"] for r in rows}):
+        runs = [r for r in rows if r["seed"] == seed]
+        for name, idx in fronts(runs).items():
+            for i in idx:
+                on_front[tuple(runs[i][k] for k in DESIGN_KEYS), name] += 1
+    out = []
+    for key, runs in groups.items():
+        runs = sorted(runs, key=lambda r: r["seed"])
+        acc = np.array([r["test_accuracy"] for r in runs], np.float64)
+        row = {
+            **runs[0],
+            "seeds": len(runs),
+            "test_accuracy_std": float(acc.std(ddof=1)) if len(runs) > 1 else float("nan"),
+            "diverged": any(r["diverged"] for r in runs),
+            "front_total_seeds": on_front[key, "total"],
+            "front_weight_seeds": on_front[key, "weight"],
+        }
+        for col in ("test_accuracy", "test_loss", "train_loss"):
+            row[col] = float(np.mean([r[col] for r in runs]))
+        out.append(row)
+    return out
+
+
 def plot_fronts(rows: Sequence[Mapping], front: Mapping[str, Sequence[int]]) -> dict:
     """The two Pareto plots: every non-diverged design, the front highlighted and labelled.
 
+    Rows with a ``test_accuracy_std`` (:func:`design_rows` over several seeds) get error bars
+    of one standard deviation.
+
     Args:
-      rows: result rows.
+      rows: result rows, or design rows.
       front: from :func:`fronts`.
 
     Returns:
@@ -177,6 +245,7 @@ def plot_fronts(rows: Sequence[Mapping], front: Mapping[str, Sequence[int]]) -> 
             [pos[i] for i in front[name]],
             label_fn=lambda r: label(r, many),
             title=title,
+            yerr="test_accuracy_std" if any(r.get("seeds", 1) > 1 for r in shown) else None,
         )
         for ax in fig.axes:
             if ax.get_xscale() == "log":
@@ -238,7 +307,11 @@ def plot_block_masks(run, state, title: str = ""):
 
 
 def write_reports(workdir, rows: Sequence[Mapping]) -> None:
-    """Writes results.csv, pareto.csv, pareto.png, pareto_weight.png and summary.md.
+    """Writes results.csv, pareto.csv, pareto.png, pareto_weight.png and summary.md, and
+    means.csv when a design has several seeds.
+
+    results.csv has one row per run; the fronts and everything after are on the design rows
+    (:func:`design_rows`).
 
     Args:
       workdir: the sweep directory.
@@ -247,21 +320,28 @@ def write_reports(workdir, rows: Sequence[Mapping]) -> None:
     workdir = Path(workdir)
     rows = list(rows)
     write_csv(workdir / "results.csv", rows, COLUMNS)
-    front = fronts(rows)
-    picked = [{"frontier": name, **rows[i]} for name, idx in front.items() for i in idx]
-    write_csv(workdir / "pareto.csv", picked, ("frontier", *COLUMNS))
+    designs = design_rows(rows)
+    if any(d["seeds"] > 1 for d in designs):
+        write_csv(workdir / "means.csv", designs, DESIGN_COLUMNS)
+    front = fronts(designs)
+    picked = [{"frontier": name, **designs[i]} for name, idx in front.items() for i in idx]
+    write_csv(workdir / "pareto.csv", picked, ("frontier", *DESIGN_COLUMNS))
 
-    for name, fig in plot_fronts(rows, front).items():
+    for name, fig in plot_fronts(designs, front).items():
         fig.savefig(workdir / PLOTS[name], dpi=120)
-    (workdir / "summary.md").write_text(summary_markdown(rows, front))
+    (workdir / "summary.md").write_text(summary_markdown(designs, front))
 
 
 def summary_markdown(rows: Sequence[Mapping], front: Mapping[str, Sequence[int]]) -> str:
     """The summary.md text: sweep counts and the Pareto designs as Markdown tables.
 
+    Over several seeds (design rows) each front design shows its accuracy as mean ± standard
+    deviation and on how many seeds' own fronts it is; a line per front names the designs on
+    it in every seed and those on it in only some.
+
     Args:
-      rows: result rows.
-      front: from :func:`fronts`.
+      rows: result rows, or design rows (:func:`design_rows`).
+      front: from :func:`fronts` on the same rows.
 
     Returns:
       Markdown text.
@@ -269,12 +349,16 @@ def summary_markdown(rows: Sequence[Mapping], front: Mapping[str, Sequence[int]]
     from qsparse import pareto
 
     kib = 8 * 1024
+    seeded = any(r.get("seeds", 1) > 1 for r in rows)
     table_rows = [
         {
             **r,
             "weight_KiB": r["weight_memory_bits"] / kib,
             "activation_KiB": r["peak_activation_bits"] / kib,
             "total_KiB": r["total_memory_bits"] / kib,
+            "test_accuracy_mean_std": f"{r['test_accuracy']:.4f} ± {r['test_accuracy_std']:.4f}"
+            if seeded
+            else None,
         }
         for r in rows
     ]
@@ -285,8 +369,7 @@ def summary_markdown(rows: Sequence[Mapping], front: Mapping[str, Sequence[int]]
         "w_bits",
         "a_bits",
         "block_compression",
-        "seed",
-        "test_accuracy",
+        *(["test_accuracy_mean_std"] if seeded else ["seed", "test_accuracy"]),
         "weight_KiB",
         "activation_KiB",
         "total_KiB",
@@ -295,25 +378,51 @@ def summary_markdown(rows: Sequence[Mapping], front: Mapping[str, Sequence[int]]
     ]
     diverged = sum(bool(r["diverged"]) for r in rows)
     models = sorted({(r["model"], r["hidden"]) for r in rows})
+    many = len({m for m, _ in models}) > 1
+    runs = (
+        f"{len(rows)} designs x {max(r['seeds'] for r in rows)} seeds"
+        if seeded
+        else f"{len(rows)} settings"
+    )
     lines = [
         "# Sweep summary",
         "",
-        f"{len(rows)} settings ({diverged} diverged) over {len(models)} model variant(s): "
+        f"{runs} ({diverged} diverged) over {len(models)} model variant(s): "
         + ", ".join(f"{m} ({h})" for m, h in models)
         + ".",
         "`block_compression` is the design's target ratio of weight blocks to kept blocks; "
         "`weight_compression` is FP32 dense weight memory over this design's weight memory "
         "(codes, block index, scales, biases); `activation_KiB` is the peak activation "
         "memory (the largest input and output buffers of one layer).",
-        "",
-        f"## Pareto front: test accuracy vs total memory (weights + activations), "
-        f"{len(front['total'])} designs",
-        "",
-        pareto.front_table(table_rows, front["total"], cols),
-        "",
-        f"## Pareto front: test accuracy vs weight memory, {len(front['weight'])} designs",
-        "",
-        pareto.front_table(table_rows, front["weight"], cols),
-        "",
     ]
-    return "\n".join(lines)
+    if seeded:
+        lines.append(
+            "Accuracies are the mean ± standard deviation over the seeds; the fronts are on the "
+            "means; `seeds_on_front` counts the seeds on whose own front the design is."
+        )
+    for name, title in (
+        ("total", "test accuracy vs total memory (weights + activations)"),
+        ("weight", "test accuracy vs weight memory"),
+    ):
+        extra = [f"front_{name}_seeds"] if seeded else []
+        body = [{**r, "seeds_on_front": r.get(f"front_{name}_seeds")} for r in table_rows]
+        lines += [
+            "",
+            f"## Pareto front: {title}, {len(front[name])} designs",
+            "",
+            pareto.front_table(body, front[name], cols + ["seeds_on_front"] * bool(extra)),
+        ]
+        if seeded:
+            seeds_on = {i: rows[i][extra[0]] for i in front[name]}
+            every = [label(rows[i], many) for i, k in seeds_on.items() if k == rows[i]["seeds"]]
+            some = [
+                f"{label(rows[i], many)} ({k}/{rows[i]['seeds']})"
+                for i, k in seeds_on.items()
+                if k < rows[i]["seeds"]
+            ]
+            lines += [
+                "",
+                f"On the front of every seed: {', '.join(every) or 'none'}. "
+                f"On some seeds' fronts only: {', '.join(some) or 'none'}.",
+            ]
+    return "\n".join(lines + [""])

@@ -207,6 +207,7 @@ def plot_front(
     title: str | None = None,
     logx: bool = True,
     where: str = "post",
+    yerr: str | None = None,
 ):
     """Scatter all designs and highlight the Pareto front.
 
@@ -227,6 +228,8 @@ def plot_front(
       where: step placement passed to ``Axes.step``; ``"post"`` draws the attainment
         staircase of a min-``x`` / max-``y`` front (memory vs accuracy), ``"pre"`` that of
         a max/max or min/min front.
+      yerr: column of each ``y``'s error (e.g. a standard deviation over seeds), drawn as
+        error bars; ``None``: none. NaN errors draw no bar.
 
     Returns:
       The ``matplotlib.figure.Figure``.
@@ -247,6 +250,12 @@ def plot_front(
     ax.scatter(xs[ok], ys[ok], s=18, color="0.7", label=f"all designs ({int(ok.sum())})", zorder=1)
     shown = [i for i in front if ok[i]]
     shown.sort(key=lambda i: (xs[i], ys[i], i))
+    if yerr is not None:
+        err = np.nan_to_num(_column(rows, yerr), nan=0.0)
+        on = np.zeros(len(rows), bool)
+        on[shown] = True
+        for sel, color in ((ok & ~on, "0.7"), (on, "tab:red")):
+            ax.errorbar(xs[sel], ys[sel], yerr=err[sel], fmt="none", ecolor=color, lw=0.8)
     if shown:
         fx, fy = xs[shown], ys[shown]
         _draw_front(ax, fx, fy, where)

@@ -102,7 +102,7 @@ def test_sweep_over_two_processes_equals_one(one_process_sweep, tmp_path):
     assert rc0 == 0 and rc1 == 0, (err0[-2000:], err1[-2000:])
     assert _rows(tmp_path / "sweep" / "results.csv") == one_process_sweep  # bit for bit
     assert len(one_process_sweep) == 8
-    assert "settings in" in out0 and "settings in" not in out1  # one process reports
+    assert "runs (" in out0 and "runs (" not in out1  # one process reports
     # Each process trained its own chunks: two chunk checkpoints each, every chunk once.
     layout = json.loads((tmp_path / "sweep" / "chunks.json").read_text())
     assert sorted(i for c in layout for i in c["ids"]) == list(range(8))

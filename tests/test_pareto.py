@@ -261,6 +261,21 @@ def test_plot_front_custom_labels_linear_and_nan(tmp_path):
     assert fig.axes[0].get_xscale() == "linear" and not fig.axes[0].texts
 
 
+def test_plot_front_error_bars_span_each_design_std():
+    rows = [{**r, "std": 0.01 * (i + 1)} for i, r in enumerate(_rows()[:5])]  # distinct mem
+    front = pareto_front(rows, {"mem": "min", "acc": "max"})
+    ax = plot_front(rows, "mem", "acc", front, yerr="std").axes[0]
+    spans = {}
+    for container in ax.containers:  # one for the other designs, one for the front
+        for seg in container.lines[2][0].get_segments():
+            (x, lo), (_, hi) = seg
+            spans[x] = ((lo + hi) / 2, (hi - lo) / 2)
+    assert len(spans) == len(rows)
+    for r in rows:
+        mid, half = spans[r["mem"]]
+        assert mid == pytest.approx(r["acc"]) and half == pytest.approx(r["std"])
+
+
 def test_plot_front_errors():
     with pytest.raises(ValueError, match="no column"):
         plot_front(_rows(), "latency", "acc", [0])

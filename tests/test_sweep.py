@@ -139,6 +139,87 @@ def test_map_equals_separate_runs_exactly(mapped, separate):
             assert r[k] == ref[k], k
 
 
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    """Two designs (w {2, 32}, a2, 4X) x seeds {0, 1, 2}: six runs in one chunk."""
+    wd = tmp_path_factory.mktemp("sweep_seeds")
+    c = tiny_config(
+        **{"sweep.w_bits": [2, 32], "sweep.a_bits": [2], "sweep.seeds": [0, 1, 2]},
+        **{"sweep.chunk_size": 6},
+    )
+    rows, traces = run_counted(c, wd)
+    return c, wd, rows, traces
+
+
+def test_seeds_share_one_program_and_each_equals_its_lone_run(seeded, tmp_path):
+    c, _, rows, traces = seeded
+    assert [(r["w_bits"], r["seed"]) for r in rows] == [(w, s) for w in (2, 32) for s in (0, 1, 2)]
+    assert len(traces) == 2 and set(traces.values()) == {1}  # one epoch, one eval program
+    assert len({r["test_accuracy"] for r in rows}) > 2  # the seeds do differ
+    for r in rows[1:3]:  # 2-bit weights and activations: the most sensitive to sum order
+        s = next(s for s in sweep.enumerate_settings(c) if s.id == r["setting"])
+        ref = train_and_evaluate(sweep.setting_config(c, s), tmp_path / str(s.id))
+        assert ref["config"]["seed"] == r["seed"]
+        assert r["train_loss"] == ref["history"][-1]["train_loss"]
+        for k in ("test_accuracy", *MEMORY):
+            assert r[k] == ref[k], k  # bit for bit in the map loop
+
+
+def test_design_rows_are_means_over_seeds_and_count_each_seeds_front(seeded):
+    _, wd, rows, _ = seeded
+    designs = sweep.read_results(wd / "means.csv")
+    assert [(d["w_bits"], d["seeds"]) for d in designs] == [(2, 3), (32, 3)]
+    for d in designs:
+        runs = [r for r in rows if r["w_bits"] == d["w_bits"]]
+        acc = [r["test_accuracy"] for r in runs]
+        assert d["test_accuracy"] == pytest.approx(np.mean(acc), abs=1e-12)
+        assert d["test_accuracy_std"] == pytest.approx(np.std(acc, ddof=1), abs=1e-12)
+        assert (
+            d["setting"] == runs[0]["setting"]
+            and d["weight_memory_bits"] == runs[0]["weight_memory_bits"]
+        )
+    front = sweep.read_results(wd / "pareto.csv")
+    assert {(f["frontier"], f["setting"]) for f in front} == {
+        (name, designs[i]["setting"]) for name, idx in sweep.fronts(designs).items() for i in idx
+    }
+    summary = (wd / "summary.md").read_text()
+    assert "2 designs x 3 seeds" in summary and " ± " in summary
+    assert "On the front of every seed:" in summary
+
+
+def test_design_rows_say_which_designs_are_on_the_front_in_only_some_seeds():
+    def run(design, seed, acc, bits):
+        return {
+            "model": "mlp",
+            "arch": "mlp",
+            "hidden": "64",
+            "w_bits": design,
+            "a_bits": 32,
+            "block_compression": 1.0,
+            "learning_rate": 1e-3,
+            "prox_strength": 0.0,
+            "setting": 10 * design + seed,
+            "seed": seed,
+            "test_accuracy": acc,
+            "test_loss": 1.0 - acc,
+            "train_loss": 1.0 - acc,
+            "diverged": False,
+            "weight_memory_bits": bits,
+            "total_memory_bits": bits,
+        }
+
+    # Design 2 is dominated by design 1 in seed 1 only (less accurate with more memory).
+    rows = [run(1, 0, 0.80, 100), run(1, 1, 0.90, 100), run(2, 0, 0.85, 200), run(2, 1, 0.88, 200)]
+    d = {r["w_bits"]: r for r in sweep.design_rows(rows)}
+    assert d[1]["front_weight_seeds"] == 2 and d[2]["front_weight_seeds"] == 1
+    assert d[2]["test_accuracy"] == pytest.approx(0.865)
+    assert d[1]["test_accuracy"] == pytest.approx(0.85)
+    assert d[1]["test_accuracy_std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert d[2]["setting"] == 20 and d[1]["seeds"] == 2
+    # On the means design 2 (0.865) beats design 1 (0.85): both on the front.
+    assert sorted(sweep.fronts(list(d.values()))["weight"]) == [0, 1]
+
+
 def test_vmap_equals_separate_runs(vmapped, separate):
     """Within float tolerance; joint low-bit settings only within run-to-run noise.
 
@@ -164,7 +245,8 @@ def test_pareto_rows_are_results_and_undominated(mapped):
     results = {r["setting"]: r for r in rows}
     for f in front:
         mem = sweep.FRONTIERS[f["frontier"]]
-        assert {k: v for k, v in f.items() if k != "frontier"} == results[f["setting"]]
+        assert {k: f[k] for k in sweep.COLUMNS} == results[f["setting"]]
+        assert f["seeds"] == 1 and math.isnan(f["test_accuracy_std"])
         for r in rows:
             dominates = (
                 r["test_accuracy"] >= f["test_accuracy"]
