@@ -15,9 +15,10 @@
 #            lasso, balanced blocks, 45 instead of 30 epochs, distillation from the FP32
 #            anchor, float32 instead of bfloat16 backward matmuls, starting from the FP32
 #            anchor's weights (seeds 0-2) (~14 min)
-#   grid     experiments.sweep configs/repro_grid.py: 60 settings w x a x compression (~8 min)
+#   grid     experiments.sweep configs/repro_grid.py: 60 designs w x a x compression, seeds
+#            0-2 (~24 min)
 #   shapes   experiments.sweep configs/repro_shapes.py: shallow-dense vs wide- vs deep-sparse
-#            at matched kept weights (~4.5 min)
+#            at matched kept weights, seeds 0-2 (~14 min)
 #   report   experiments/report.py: results table, plots, README section
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -50,7 +51,8 @@ sweep() {  # name config
   echo "== $name"
   "$PY" -m experiments.sweep --config="$cfg" --workdir="$RUNS/$name"
   mkdir -p "$OUT/$name"
-  cp "$RUNS/$name"/{results.csv,pareto.csv,pareto.png,pareto_weight.png,summary.md} "$OUT/$name/"
+  cp "$RUNS/$name"/{results.csv,means.csv,pareto.csv,pareto.png,pareto_weight.png,summary.md} \
+    "$OUT/$name/"
 }
 
 for part in "${PARTS[@]}"; do

@@ -17,7 +17,7 @@ def _anchor(path, acc, compression=1.0):
     )
 
 
-def test_joint_row_and_seed_spread(tmp_path):
+def test_joint_row_mean_std_over_seeds_and_its_verdict(tmp_path):
     anchors = tmp_path / "anchors"
     anchors.mkdir()
     for suffix, fp32, joint in (("", 0.90, 0.889), ("_seed1", 0.901, 0.885), ("_seed2", 0.9, 0.87)):
@@ -25,11 +25,21 @@ def test_joint_row_and_seed_spread(tmp_path):
         _anchor(anchors / f"joint{suffix}.json", joint, compression=56.7)
     _anchor(anchors / "joint_seed3.json", 0.5)  # no FP32 partner: ignored
     table, nums = report.build(tmp_path)
-    assert "88.90% (1.10 points below FP32), **56.7X**" in table
-    gaps = [round(g, 2) for g in nums["joint_gaps"]]
-    assert gaps == [1.1, 1.6, 3.0]
-    row = next(line for line in table.splitlines() if "over 3 seeds" in line)
-    assert "gap 1.10 to 3.00 points, mean 1.90 | partly |" in row
+    assert [round(g, 2) for g in nums["joint_gaps"]] == [1.1, 1.6, 3.0]
+    row = next(line for line in table.splitlines() if "| joint 2-bit" in line)
+    # Gap 1.90 ± 0.98 points: the 1.5-point threshold is within two standard errors (0.57).
+    assert "88.13% ± 1.00, 1.90 points ± 0.98 below FP32 (seeds 1.10, 1.60, 3.00)" in row
+    assert "**56.7X**" in row and row.endswith("| not decided at this noise |")
+    assert report.RULE in table
+
+
+def test_verdict_rule():
+    assert report.verdict(0.5, 0.2) == "agrees"
+    assert report.verdict(-0.5, 0.2) == "differs"
+    assert report.verdict(0.3, 0.2) == "not decided at this noise"
+    assert report.verdict(-0.3, 0.2) == "not decided at this noise"
+    assert report.verdict(0.3, float("nan")) == "agrees (one seed)"
+    assert report.verdict(-0.3, float("nan")) == "differs (one seed)"
 
 
 CURRENT = ("block_compression", "peak_activation_bits")
@@ -45,9 +55,10 @@ def _grid(path, names):
         (2, 2, 4, 0.880, 20),
         (4, 4, 2, 0.850, 80),  # dominated by w2/a32/1x
     ]
-    lines = [f"w_bits,a_bits,{comp},test_accuracy,weight_memory_bits,{act},diverged"]
+    head = f"w_bits,a_bits,{comp},test_accuracy,weight_memory_bits,{act},total_memory_bits"
+    lines = [head + ",diverged"]
     for w, a, c, acc, kib in rows:
-        lines.append(f"{w},{a},{c},{acc},{kib * 8192},1000,false")
+        lines.append(f"{w},{a},{c},{acc},{kib * 8192},1000,{kib * 8192 + 1000},false")
     path.mkdir(parents=True)
     (path / "results.csv").write_text("\n".join(lines) + "\n")
 
@@ -75,4 +86,51 @@ def test_study_plot_has_a_title_and_the_grid_front(tmp_path):
     assert [round(y, 1) for y in front.get_ydata()] == [88.0, 89.5, 90.0]
     assert [t.get_text() for t in ax.texts] == ["w2/a2/4x", "w2/a32/1x", "w32/a32/1x"]
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "Pareto front of the grid (3 designs)" in legend
+    assert "Pareto front of the grid's means (3 designs)" in legend
+
+
+def _seeded(root):
+    """A grid and a shape sweep over seeds 0-2 (results.csv as the sweeps write them)."""
+    cols = "model,seed,w_bits,a_bits,block_compression,test_accuracy,weight_memory_bits"
+    cols += ",peak_activation_bits,total_memory_bits,diverged"
+    grid = [  # w, a, blocks, accuracy per seed, weight bits
+        (32, 32, 1, (0.900, 0.902, 0.898), 8000),
+        (2, 32, 1, (0.897, 0.899, 0.896), 600),
+        (2, 2, 4, (0.880, 0.850, 0.881), 150),  # on the front in seeds 0 and 2 only
+        (1, 2, 16, (0.860, 0.860, 0.860), 40),
+        (4, 4, 8, (0.870, 0.870, 0.870), 160),  # seed 1: the front's 8X design
+    ]
+    lines = [cols]
+    for w, a, c, accs, bits in grid:
+        act = 100 if c <= 2 else 60
+        for seed, acc in enumerate(accs):
+            lines.append(f"m,{seed},{w},{a},{c},{acc},{bits},{act},{bits + act},false")
+    (root / "grid").mkdir(parents=True)
+    (root / "grid" / "results.csv").write_text("\n".join(lines) + "\n")
+    shapes = [cols]
+    for seed, (deep, shallow) in enumerate(((0.89, 0.88), (0.895, 0.884), (0.888, 0.879))):
+        for model, acc in (("deep-sparse", deep), ("shallow-dense", shallow)):
+            shapes.append(f"{model},{seed},2,2,4,{acc},100,10,110,false")
+            shapes.append(f"{model},{seed},32,32,4,{acc - 0.01 * seed},100,10,110,false")
+    (root / "shapes").mkdir()
+    (root / "shapes" / "results.csv").write_text("\n".join(shapes) + "\n")
+
+
+def test_seeded_grid_and_shapes_rows_carry_their_verdicts(tmp_path):
+    _seeded(tmp_path)
+    table, _ = report.build(tmp_path)
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    rows = {line.split(" | ")[0][2:]: line for line in lines}
+    optimal = rows["2/2/4X is the optimal joint design"]
+    assert "front in 2 of 3 seeds (87.03% ± 1.76" in optimal
+    assert optimal.endswith("| not decided at this noise |")
+    quant = next(v for k, v in rows.items() if k.startswith("quantization only"))
+    # w2/a32 is 0.27 points below FP32 in every seed: within 1 point, far beyond two errors.
+    assert "w2/a32, 89.73% ± 0.15, **13.3X**" in quant and quant.endswith("| agrees |")
+    deep = [line for line in lines if line.startswith("| deep-sparse")]
+    assert deep[0].endswith("| agrees |")  # w2/a2: deep ahead by 1.0 ± 0.1 points
+    assert "w2/a2" in deep[0] and "deep-sparse 89.10% ± 0.36" in deep[0]
+    # w32/a32: deep ahead by 1.0 points in every seed, but the seeds move both by 1 point.
+    assert "deep-sparse 88.10% ± 1.15" in deep[1] and deep[1].endswith("| agrees |")
+    act = next(v for k, v in rows.items() if k.startswith("activation memory"))
+    assert act.endswith("| agrees |") and "per seed: 8% vs 60%; 8% vs 44%; 8% vs 60%" in act
