@@ -757,28 +757,46 @@ def guard_workdir(workdir: Path, config, overwrite: bool) -> None:
     saved = workdir / "config.json"
     text = config_json(config)
     if saved.exists() and saved.read_text() != text:
-        if not overwrite:
-            old = json.loads(saved.read_text())
-            new = json.loads(text)
-            diff = sorted(_diff_keys(old, new))[:3]
+        old = json.loads(saved.read_text())
+        new = json.loads(text)
+        diff = sorted(_diff_keys(old, new))
+        if not diff:  # only fields added since, at their defaults: the same run
+            write_text(saved, text)
+        elif not overwrite:
             raise ConfigError(
                 f"workdir={str(workdir)!r} holds a run of a different config (differs in "
-                f"{', '.join(diff)}): use another --workdir, or --overwrite to replace it"
+                f"{', '.join(diff[:3])}): use another --workdir, or --overwrite to replace it"
             )
-        for entry in workdir.iterdir():  # all but the lock this run holds
-            if entry.name != workdir_lock.LOCK_NAME:
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        else:
+            for entry in workdir.iterdir():  # all but the lock this run holds
+                if entry.name != workdir_lock.LOCK_NAME:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     workdir.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
-        tmp = saved.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, saved)
+        write_text(saved, text)
 
 
-def _diff_keys(a, b, prefix=""):
+_ABSENT = object()
+
+
+@functools.cache
+def _base_defaults() -> dict:
+    from configs.base import get_base
+
+    return json.loads(config_json(get_base()))
+
+
+def _diff_keys(a, b, prefix="", base=None):
+    """Dotted names where configs ``a`` (saved) and ``b`` differ; a field ``a`` lacks (added to
+    the base config since ``a`` was written) that ``b`` holds at its base default is not a
+    difference."""
+    base = _base_defaults() if base is None else base
     if isinstance(a, dict) and isinstance(b, dict):
         for k in set(a) | set(b):
-            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+            sub = base.get(k, _ABSENT) if isinstance(base, dict) else _ABSENT
+            yield from _diff_keys(a.get(k, _ABSENT), b.get(k, _ABSENT), f"{prefix}{k}.", sub)
+    elif a is _ABSENT and b is not _ABSENT and b == base:
+        return
     elif a != b:
         yield prefix.rstrip(".")
 
@@ -926,8 +944,18 @@ def write_json(path: Path, obj) -> None:
       path: the file.
       obj: JSON-serialisable data.
     """
+    write_text(path, json.dumps(obj, indent=1))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically (a reader never sees half a file).
+
+    Args:
+      path: the file.
+      text: its contents.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

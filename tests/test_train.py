@@ -108,6 +108,29 @@ def test_other_config_in_workdir_refused(tmp_path):
     assert r["w_bits"] == 3 and math.isfinite(r["test_accuracy"])
 
 
+def test_a_run_saved_before_a_field_was_added_resumes(tmp_path):
+    one = {"num_epochs": 1, "sparsity.prune_begin_epoch": 0, "sparsity.prune_end_epoch": 1}
+    first = train_and_evaluate(small_config(**one), tmp_path)
+
+    def drop(*names):  # the config.json of an older qsparse, without these fields
+        saved = json.loads((tmp_path / "config.json").read_text())
+        for name in names:
+            *path, last = name.split(".")
+            node = saved
+            for p in path:
+                node = node[p]
+            del node[last]
+        (tmp_path / "config.json").write_text(json.dumps(saved, sort_keys=True, indent=1))
+
+    drop("init_from", "quant.bf16_grads")
+    again = train_and_evaluate(small_config(**one), tmp_path)  # at their defaults: same run
+    assert again["test_accuracy"] == first["test_accuracy"] and again["steps"] == first["steps"]
+    assert "init_from" in json.loads((tmp_path / "config.json").read_text())
+    drop("distill.temperature")  # lacking, and this run sets it to another value: another run
+    with pytest.raises(common.ConfigError, match=r"differs in distill.temperature\)"):
+        train_and_evaluate(small_config(**one, **{"distill.temperature": 2.0}), tmp_path)
+
+
 def test_export_of_a_run_matches_memory_model_and_accuracy(digits_run):
     from experiments.export import export_run
 
