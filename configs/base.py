@@ -43,6 +43,7 @@ def get_base() -> ml_collections.ConfigDict:
     # With int_matmul, those layers' backward matmuls in bfloat16 too (codes times the output
     # gradient rounded to bfloat16: not exact); see qsparse.wrap.Rule.bf16_grads.
     c.quant.bf16_grads = False
+    c.quant.bias_bits = 32  # biases of the covered layers: 32 (float32) or 8 (int8 + a scale)
 
     c.sparsity = ml_collections.ConfigDict()
     c.sparsity.compression = 4.0  # block compression ratio >= 1 (1 = dense)

@@ -133,6 +133,12 @@ def _validate_quant(q) -> None:
         q.get("bf16_grads", False),
         "use False, or set quant.int_matmul=True (the bfloat16 backward multiplies its codes)",
     )
+    _check(
+        q.get("bias_bits", 32) in quant.BIAS_BITS,
+        "quant.bias_bits",
+        q.get("bias_bits", 32),
+        f"use one of {quant.BIAS_BITS} (8: int8 codes and a float32 scale per layer)",
+    )
 
 
 def _validate_sparsity(s) -> None:
@@ -497,6 +503,7 @@ def rules_from_config(config, names: list[str]) -> list[wrap.Rule]:
                 learn_clip=q.learn_clip,
                 int_matmul=int_matmul,
                 bf16_grads=int_matmul and bool(q.get("bf16_grads", False)),
+                bias_bits=int(q.get("bias_bits", 32)),
             )
         )
     return rules

@@ -84,6 +84,58 @@ def _round_bwd(_, g):
 round_ste.defvjp(_round_fwd, _round_bwd)
 
 
+BIAS_BITS = (8, 32)  # biases of covered layers: int8 codes and one float32 scale, or float32
+
+
+def check_bias_bits(bits, name: str = "bias_bits") -> None:
+    """Validates a bias bit width.
+
+    Args:
+      bits: the bit width.
+      name: the argument name used in the error message.
+
+    Raises:
+      ValueError: ``bits`` is not one of :data:`BIAS_BITS`.
+    """
+    if not (isinstance(bits, int | float | np.integer) and bits in BIAS_BITS):
+        raise ValueError(
+            f"{name}={bits!r} is not allowed: use one of {BIAS_BITS} (8: int8 codes with one"
+            " float32 scale per layer, 32: float32)"
+        )
+
+
+def bias_scale(b, bits: int):
+    """The scale of a bias vector's symmetric ``bits``-bit codes: ``max|b| / (2^(bits-1) - 1)``
+    (1 where ``b`` is all zero).
+
+    Args:
+      b: the biases (float32).
+      bits: bit width (static, < 32).
+
+    Returns:
+      The float32 scale, a scalar.
+    """
+    s = jnp.max(jnp.abs(b)) / (2 ** (bits - 1) - 1)
+    return jnp.where(s > 0, s, 1.0).astype(jnp.float32)
+
+
+def quantize_bias(b, bits: int):
+    """Fake-quantizes biases to ``bits``-bit codes times one scale (:func:`bias_scale`), with a
+    straight-through gradient; 32 bits: unchanged.
+
+    Args:
+      b: the biases.
+      bits: bit width (static; :data:`BIAS_BITS`).
+
+    Returns:
+      ``round(b / s) * s`` in float32 (exactly the stored codes times the stored scale).
+    """
+    if bits >= FULL_PRECISION:
+        return b
+    s = jax.lax.stop_gradient(bias_scale(b, bits))
+    return round_ste(b / s) * s
+
+
 @jax.custom_vjp
 def sign_ste(x):
     """``+1`` for ``x >= 0``, ``-1`` otherwise, with a straight-through (identity) gradient.

@@ -82,6 +82,9 @@ class Rule:
         ``w_bits`` and ``a_bits`` must stay at most 8 in every setting.
       bf16_grads: with ``int_matmul``, run the layer's two backward matmuls in bfloat16 too,
         on the integer codes and the output gradient rounded to bfloat16 (not exact).
+      bias_bits: bits of the layer's biases (the ``bias`` beside its weight): 32 (float32) or
+        8 (int8 codes and one float32 scale, :func:`qsparse.quant.quantize_bias`; trained,
+        counted and exported so).
     """
 
     pattern: str
@@ -97,6 +100,7 @@ class Rule:
     learn_clip: bool = False
     int_matmul: bool = False
     bf16_grads: bool = False
+    bias_bits: int = 32
 
     def __post_init__(self):
         where = f" (rule {self.pattern!r})"
@@ -108,6 +112,7 @@ class Rule:
             ) from None
         quant.check_bits(self.w_bits, "w_bits")
         quant.check_bits(self.a_bits, "a_bits")
+        quant.check_bias_bits(self.bias_bits)
         sparsity.check_compression(self.compression)
         if self.scale_mode not in quant.SCALE_MODES:
             raise ValueError(
@@ -521,11 +526,15 @@ class Plan:
           masks: optional ``{layer: mask}`` of weight-shaped 0/1 arrays.
 
         Returns:
-          A params tree with the weights replaced by their fake-quantized values.
+          A params tree with the weights (and biases of rules with ``bias_bits < 32``)
+          replaced by their fake-quantized values.
         """
         out = params
         for name, lp in self.layers.items():
             r = lp.rule
+            bias = self.bias_path(lp)
+            if bias is not None and r.bias_bits < FULL:
+                out = set_path(out, bias, quant.quantize_bias(get_path(params, bias), r.bias_bits))
             w = get_path(params, lp.path)
             if masks is not None and name in masks:
                 w = w * masks[name]
@@ -539,6 +548,18 @@ class Plan:
             )
             out = set_path(out, lp.path, w)
         return out
+
+    def bias_path(self, lp: LayerPlan) -> tuple | None:
+        """The path of the ``bias`` beside a covered weight, or None when there is none.
+
+        Args:
+          lp: the layer.
+
+        Returns:
+          The parameter path, or None.
+        """
+        path = (*lp.path[:-1], "bias")
+        return path if path in self.params_shapes else None
 
     def _trace(self, train: bool, params, state, x, rng) -> tuple[intercept.Trace, dict]:
         """The model's trace for these shapes (cached) and its parameter-index -> layer map."""
@@ -678,8 +699,9 @@ class Plan:
         """The memory model for this plan and spec: every parameter of the model.
 
         Covered weights count their codes, block index and scales (:mod:`qsparse.memory`);
-        every other parameter (biases, norm scales, uncovered weights) and the inference
-        state (batch statistics) count at their dtype's bits. BatchNorm is counted as its own
+        the biases of rules with ``bias_bits=8`` count 8 bits each plus a 32-bit scale; every
+        other parameter (biases, norm scales, uncovered weights) and the inference state
+        (batch statistics) count at their dtype's bits. BatchNorm is counted as its own
         parameters and statistics, not folded into the layer before it.
 
         Args:
@@ -708,6 +730,11 @@ class Plan:
     def _module_memory(self, spec, params) -> tuple[dict, Any, int]:
         """Bits of every parameter and state leaf by module, and the zero and total blocks."""
         covered = {lp.path: lp for lp in self.layers.values()}
+        biases = {
+            self.bias_path(lp): lp.rule.bias_bits
+            for lp in self.layers.values()
+            if self.bias_path(lp) is not None and lp.rule.bias_bits < FULL
+        }
         per_module: dict[str, dict] = {}
         zero_blocks, all_blocks = 0, 0
 
@@ -721,6 +748,10 @@ class Plan:
             e = entry("/".join(str(p) for p in path[:-1]))
             e["params"] += size
             e["fp32"] += size * mem.FP_BITS
+            if path in biases:  # codes and one float32 scale
+                e["other"] = e["other"] + size * biases[path]
+                e["scales"] = e["scales"] + mem.SCALE_BITS
+                continue
             if path not in covered:
                 e["other"] = e["other"] + size * _dtype_bits(dtype)
                 continue

@@ -86,3 +86,17 @@ def test_setting_values_are_checked_by_the_library_rule(field, value, library):
         common.validate(c)
     assert str(got.value) == str(lib.value)
     assert str(got.value).startswith(f"{field}={value:g} is not allowed: ")
+
+
+@pytest.mark.parametrize("value", [16, 4, 0])
+def test_bias_bits_outside_8_and_32_is_one_line(value):
+    from configs import joint
+
+    c = joint.get_config()
+    c.quant.bias_bits = value
+    with pytest.raises(common.ConfigError) as got:
+        common.validate(c)
+    assert str(got.value) == (
+        f"quant.bias_bits={value!r} is not allowed: use one of (8, 32) (8: int8 codes and a"
+        " float32 scale per layer)"
+    )

@@ -343,8 +343,11 @@ def digits_model(tmp_path_factory):
             block_shape=(8, 8),
             compression=4,
             scale_mode="learned",
+            bias_bits=8,
         ),
-        wrap.Rule(pattern="Dense_1", w_bits=3, a_bits=2, block_shape=(8, 8), compression=2),
+        wrap.Rule(
+            pattern="Dense_1", w_bits=3, a_bits=2, block_shape=(8, 8), compression=2, bias_bits=8
+        ),
         wrap.Rule(pattern="Dense_2", w_bits=8, a_bits=3),
     ]
     x0 = jnp.zeros((1, 8, 8, 1))
@@ -386,7 +389,12 @@ def test_trained_model_payload_equals_memory_model(digits_model):
     memory = d["plan"].memory(d["spec"]["layers"], d["state"].params["params"])
     bits, info = int(memory["weight_memory_bits"]), d["info"]
     assert info["payload_bits"] == bits == info["memory_model_bits_params"]
-    assert 0 <= info["payload_bytes"] * 8 - bits < 8 * 11  # 11 arrays, each rounded up
+    assert 0 <= info["payload_bytes"] * 8 - bits < 8 * 13  # 13 arrays, each rounded up
+    # Dense_0 and Dense_1 store int8 biases and a scale, Dense_2 float32 ones.
+    n0, n1, n2 = (d["plan"].layers[f"Dense_{i}"].kernel_shape[-1] for i in range(3))
+    assert int(memory["other_bits"]) == 8 * (n0 + n1) + 32 * n2
+    manifest = export.load(d["path"]).manifest
+    assert [lay["bias_bits"] for lay in manifest["layers"]] == [8, 8, 32]
     assert info["fp32_bytes"] == int(memory["fp32_weight_memory_bits"]) // 8
     assert info["compression"] > 10
     assert all(v["kept_blocks"] < v["blocks"] for k, v in info["layers"].items() if k != "Dense_2")

@@ -292,3 +292,19 @@ def test_int_matmul_bf16_grads_round_only_the_output_gradient(per_channel):
     for got, ref in ((dx, fx), (dw, fw)):
         err = float(jnp.max(jnp.abs(got - ref)) / jnp.max(jnp.abs(ref)))
         assert 0 < err < 2**-7
+
+
+def test_quantize_bias_is_int8_codes_times_one_scale_with_a_straight_through_gradient():
+    b = jnp.asarray(np.random.default_rng(0).normal(0, 0.3, 300), jnp.float32)
+    q = quant.quantize_bias(b, 8)
+    s = quant.bias_scale(b, 8)
+    assert float(s) == float(jnp.max(jnp.abs(b)) / jnp.float32(127))
+    codes = np.asarray(jnp.round(b / s))
+    assert codes.min() >= -127 and codes.max() <= 127 and len(np.unique(codes)) > 100
+    np.testing.assert_array_equal(np.asarray(q), codes.astype(np.float32) * np.float32(s))
+    assert float(jnp.max(jnp.abs(q - b))) <= float(s) / 2 + 1e-7
+    g = jax.grad(lambda v: jnp.sum(quant.quantize_bias(v, 8) * jnp.arange(300.0)))(b)
+    np.testing.assert_allclose(np.asarray(g), np.arange(300.0), rtol=1e-6)  # (g / s) * s
+    assert quant.quantize_bias(b, 32) is b
+    zeros = jnp.zeros(4)
+    np.testing.assert_array_equal(np.asarray(quant.quantize_bias(zeros, 8)), np.zeros(4))

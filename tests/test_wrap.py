@@ -148,6 +148,14 @@ def test_memory_counts_every_parameter_and_refuses_bad_values():
         plan.init_spec(compression=0.5)
     with pytest.raises(ValueError, match="w_bits=2.5 is not allowed"):
         wrap.Rule(pattern=".*", w_bits=2.5)
+    for bad in (4, 16, 8.5, "8"):
+        with pytest.raises(ValueError, match=rf"bias_bits={bad!r} is not allowed: use one of"):
+            wrap.Rule(pattern=".*", bias_bits=bad)
+    # int8 biases: 8 bits each and one 32-bit scale, in the layer's own breakdown.
+    rule8 = wrap.Rule(pattern="Dense_0", w_bits=2, block_shape=(8, 8), compression=2, bias_bits=8)
+    plan8 = wrap.make_plan(model, [rule8], X)
+    m8 = plan8.memory(plan8.init_spec())["layers"]
+    assert m8["Dense_0"]["other"] == 16 * 8 and m8["Dense_0"]["scales"] == 32 + 32
 
 
 class NoWeights(nn.Module):

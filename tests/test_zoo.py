@@ -6,6 +6,8 @@ in training and evaluation mode; a few hundred steps at 2-bit weights, 4-bit act
 2**k levels in each kernel; the memory breakdown counts every parameter of the model.
 """
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,7 @@ import pytest
 import zoo
 from flax import nnx
 
-from qsparse import export, training, wrap
+from qsparse import export, quant, training, wrap
 
 IMG = (2, 28, 28, 1)
 
@@ -192,7 +194,9 @@ def test_export_load_and_inference_give_the_trained_predictions(tmp_path, name):
     factory, kwargs, batch = CASES[name]
     model = factory()
     x = batch(8, seed=2)
-    plan = wrap.make_plan(model, _rules(name), x[:1], **kwargs)
+    # Biases of the covered layers as int8 codes and a scale: trained, counted, stored so.
+    rules = [dataclasses.replace(r, bias_bits=8) for r in _rules(name)]
+    plan = wrap.make_plan(model, rules, x[:1], **kwargs)
     sched = training.Schedule(total_steps=4, prune_begin=1, prune_end=3, prune_every=1)
     spec = training.make_spec(plan.init_spec(), learning_rate=1e-2)
     state = training.init_state(model, plan, sched, spec, jax.random.key(0), x[:1])
@@ -211,6 +215,14 @@ def test_export_load_and_inference_give_the_trained_predictions(tmp_path, name):
     )
     assert info["payload_bits"] == int(mem["weight_memory_bits"])
     r = export.restore(tmp_path / "m.qsp")
+    int8 = [t for t in export.load(tmp_path / "m.qsp").manifest["tensors"] if "scale" in t]
+    biases = [lp for lp in plan.layers.values() if plan.bias_path(lp) is not None]
+    assert len(int8) == len(biases) > 0
+    for lp in biases:  # at most 255 levels, and the restored values are the trained ones
+        b = wrap.get_path(r.params, plan.bias_path(lp))
+        assert len(np.unique(np.asarray(b))) <= 255
+        trained = quant.quantize_bias(wrap.get_path(state.params["params"], plan.bias_path(lp)), 8)
+        np.testing.assert_array_equal(np.asarray(b), np.asarray(trained))
     assert jax.tree.structure(r.params) == jax.tree.structure(state.params["params"])
     got = plan.apply(model, r.params, r.qparams, r.spec, x, state=r.model_state, quantized=True)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

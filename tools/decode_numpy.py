@@ -89,7 +89,12 @@ def read_arrays(manifest: dict, payload: bytes) -> dict[str, np.ndarray]:
     out, pos = {}, 0
     for a in sorted(manifest["arrays"], key=lambda a: a["offset"]):
         count = int(np.prod(a["shape"], dtype=np.int64))
-        nbytes = 4 * count if a["dtype"] == "float32" else (count * a["bits"] + 7) // 8
+        raw_bytes = {"float32": 4, "int8": 1}
+        nbytes = (
+            raw_bytes[a["dtype"]] * count
+            if a["dtype"] in raw_bytes
+            else (count * a["bits"] + 7) // 8
+        )
         if a["offset"] != pos or a["nbytes"] != nbytes or a["count"] != count:
             raise DecodeError(f"array {a['name']}: offset or size disagrees with its shape")
         raw = payload[pos : pos + nbytes]
@@ -97,6 +102,8 @@ def read_arrays(manifest: dict, payload: bytes) -> dict[str, np.ndarray]:
             raise DecodeError(f"array {a['name']}: CRC32 mismatch")
         if a["dtype"] == "float32":
             val = np.frombuffer(raw, "<f4").astype(np.float32)
+        elif a["dtype"] == "int8":
+            val = np.frombuffer(raw, np.int8)
         elif a["dtype"] == "packed":
             val = unpack(raw, a["bits"], count)
         else:
@@ -176,6 +183,14 @@ def max_pool(x: np.ndarray, window, strides) -> np.ndarray:
     return win[:, :: strides[0], :: strides[1]].max(axis=(-2, -1))
 
 
+def decode_bias(lay: dict, arrays: dict) -> np.ndarray:
+    """A layer's float32 biases: as stored, or int8 codes times their scale (bias_bits 8)."""
+    bias = arrays[lay["arrays"]["bias"]]
+    if lay.get("bias_bits", 32) == 32:
+        return bias
+    return bias.astype(np.float32) * arrays[lay["arrays"]["bias_scale"]]
+
+
 class Model:
     """A decoded model: kernels, biases and activation settings by layer name."""
 
@@ -193,7 +208,7 @@ class Model:
             self.layers[lay["name"]] = {
                 "entry": lay,
                 "kernel": decode_kernel(lay, arrays),
-                "bias": arrays[a["bias"]] if lay["use_bias"] else None,
+                "bias": decode_bias(lay, arrays) if lay["use_bias"] else None,
                 "clip": arrays[a["a_clip"]] if lay["act_quantized"] else None,
             }
 

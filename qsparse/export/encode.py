@@ -281,3 +281,42 @@ def encode_weight(payload, lp, q, w_bits: int, qparams, steps) -> tuple[dict, di
         "index": index,
     }
     return arrays, fields
+
+
+def encode_bias(payload, key: str, layer, b, bits: int) -> dict:
+    """Writes a covered layer's biases: float32, or int8 codes and their float32 scale.
+
+    The codes are ``round(b / s)`` with ``s = quant.bias_scale(b, bits)``, what
+    :func:`qsparse.quant.quantize_bias` trains with, so ``float32(code) * s`` is the trained
+    bias bit for bit.
+
+    Args:
+      payload: the payload.
+      key: the arrays' name prefix (``{key}/bias``, ``{key}/bias_scale``).
+      layer: the layer name of the array table entries (None for a model-layout tensor).
+      b: the float32 biases.
+      bits: the rule's ``bias_bits`` (:data:`qsparse.quant.BIAS_BITS`).
+
+    Returns:
+      ``{"bias": name}``, plus ``"bias_scale"`` for int8 codes.
+    """
+    b = np.asarray(b, np.float32)
+    if bits >= FULL:
+        return {"bias": payload.add_f32(f"{key}/bias", layer, "bias", b, "float32 biases")}
+    s = quant.bias_scale(b, bits)
+    codes = np.asarray(jax.numpy.round(b / s)).astype(np.int8)
+    return {
+        "bias": payload.add(
+            f"{key}/bias",
+            layer,
+            "bias",
+            codes.astype("<i1").tobytes(),
+            dtype="int8",
+            bits=8,
+            shape=codes.shape,
+            meaning="int8 bias codes: bias = float32(code) * bias_scale",
+        ),
+        "bias_scale": payload.add_f32(
+            f"{key}/bias_scale", layer, "bias_scale", np.asarray(s), "scale of the int8 biases"
+        ),
+    }

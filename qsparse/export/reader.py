@@ -219,6 +219,17 @@ def _decode_matrix(lay: dict, get, keep, w_bits: int):
     return mat, unblocks(signed, (r, c), bm, bn), scale
 
 
+def _decode_bias(lay: dict, get, n: int) -> np.ndarray:
+    """A layer's float32 biases: stored as they are, or int8 codes times their scale."""
+    bias = get("bias", [n])
+    bits = lay.get("bias_bits", FULL)
+    if bits >= FULL:
+        return bias
+    if bits != 8 or bias.dtype != np.int8:
+        fail(f"layer {lay['name']}: bias_bits={bits} with {bias.dtype} codes (allowed: 8, int8)")
+    return bias.astype(np.float32) * get("bias_scale", [])
+
+
 def _decode_layer(lay: dict, arrays: dict, payload: memoryview) -> PackedLayer:
     """Checks one layer's shapes and arrays and decodes its kernel."""
     name = lay["name"]
@@ -231,7 +242,7 @@ def _decode_layer(lay: dict, arrays: dict, payload: memoryview) -> PackedLayer:
         fail(f"layer {name}: kernel, block and grid shapes disagree")
     keep = _decode_keep(lay, get)
     mat, codes, scale = _decode_matrix(lay, get, keep, w_bits)
-    bias = get("bias", [n]) if lay["use_bias"] else None
+    bias = _decode_bias(lay, get, n) if lay["use_bias"] else None
     clip = get("a_clip", []) if lay["act_quantized"] else None
     return PackedLayer(
         name=name,
@@ -387,7 +398,10 @@ def restore(path) -> Restored:
             "compression": jnp.asarray(lay["target_compression"], jnp.float32),
         }
     for t in man["tensors"]:
-        value = jnp.asarray(packed.raw(t["array"]))
+        value = packed.raw(t["array"])
+        if "scale" in t:  # int8 bias codes
+            value = value.astype(np.float32) * packed.raw(t["scale"])
+        value = jnp.asarray(value)
         if t["collection"] == "params":
             params = _put(params, tuple(t["path"]), value)
         else:

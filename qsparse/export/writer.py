@@ -233,13 +233,8 @@ def _encode_chain_layer(payload, plan, lp, nxt, layer_spec, params, qparams, qua
     q = get_path(quantized["q"], lp.path)
     arrays, fields = encode.encode_weight(payload, lp, q, w_bits, qparams, quantized["steps"])
     if _has_bias(plan, lp):
-        arrays["bias"] = payload.add_f32(
-            f"{name}/bias",
-            name,
-            "bias",
-            np.asarray(get_path(params, (*lp.path[:-1], "bias")), np.float32),
-            "float32 biases",
-        )
+        bias = get_path(params, (*lp.path[:-1], "bias"))
+        arrays.update(encode.encode_bias(payload, name, name, bias, lp.rule.bias_bits))
     act_q = nxt is not None and nxt.act_quantized and not nxt.a_signed and a_bits < FULL
     if act_q:
         clip = np.asarray(qparams[nxt.name]["a_clip"], np.float32)
@@ -256,6 +251,7 @@ def _encode_chain_layer(payload, plan, lp, nxt, layer_spec, params, qparams, qua
         "kernel_shape": list(lp.kernel_shape),
         "matrix_shape": fields["matrix_shape"],
         "use_bias": _has_bias(plan, lp),
+        "bias_bits": lp.rule.bias_bits if _has_bias(plan, lp) else FULL,
         **_quantizer_fields(lp.rule, w_bits),
         **{k: fields[k] for k in ("block_sparse", "block_shape", "block_grid")},
         "kept_blocks": fields["kept_blocks"],
@@ -364,11 +360,24 @@ def _encode_model_layer(payload, lp, layer_spec, qparams, quantized) -> dict:
 def _add_tensors(payload, plan: Plan, params, model_state) -> list[dict]:
     """Writes every parameter that is not a covered weight, and the inference state, as is."""
     covered = {lp.path for lp in plan.layers.values()}
+    bias_bits = {plan.bias_path(lp): lp.rule.bias_bits for lp in plan.layers.values()}
     state = model_state or {}
     leaves = [("params", p, get_path(params, p)) for p in plan.params_shapes if p not in covered]
     leaves += [(p[0], p[1:], get_path(state, p)) for p in plan.state_shapes]
     tensors = []
     for collection, p, value in leaves:
+        if collection == "params" and bias_bits.get(p, FULL) < FULL:  # int8 codes and a scale
+            key = "/".join(map(str, (collection, *p)))
+            arrays = encode.encode_bias(payload, key, None, value, bias_bits[p])
+            tensors.append(
+                {
+                    "collection": collection,
+                    "path": list(p),
+                    "array": arrays["bias"],
+                    "scale": arrays["bias_scale"],
+                }
+            )
+            continue
         a = np.asarray(value)
         dtype = str(a.dtype)
         if dtype not in RAW_DTYPES:
