@@ -134,3 +134,25 @@ def test_seeded_grid_and_shapes_rows_carry_their_verdicts(tmp_path):
     assert "deep-sparse 88.10% ± 1.15" in deep[1] and deep[1].endswith("| agrees |")
     act = next(v for k, v in rows.items() if k.startswith("activation memory"))
     assert act.endswith("| agrees |") and "per seed: 8% vs 60%; 8% vs 44%; 8% vs 60%" in act
+
+
+def test_levers_are_reported_over_their_seeds_against_the_same_seeds(tmp_path):
+    anchors, levers = tmp_path / "anchors", tmp_path / "levers"
+    (levers / "seeds").mkdir(parents=True)
+    anchors.mkdir()
+    for seed, fp32, joint, lever in (
+        (0, 0.90, 0.89, 0.892),
+        (1, 0.91, 0.895, 0.899),
+        (2, 0.9, 0.88, 0.883),
+    ):
+        suffix = f"_seed{seed}" if seed else ""
+        _anchor(anchors / f"dense_fp32{suffix}.json", fp32)
+        _anchor(anchors / f"joint{suffix}.json", joint, compression=56.6)
+        _anchor((levers / "seeds" if seed else levers) / f"bias8{suffix}.json", lever, 60.6)
+    _anchor(levers / "no_prox.json", 0.885, 56.6)  # seed 0 only
+    table, _ = report.build(tmp_path)
+    bias8 = next(line for line in table.splitlines() if "quant.bias_bits=8" in line)
+    # +0.30 points on every seed; FP32 gaps 0.8, 1.1, 1.7.
+    assert "| 0, 1, 2 | 89.13% ± 0.80 | +0.30 points | 1.20 points ± 0.46 | 60.6X |" in bias8
+    no_prox = next(line for line in table.splitlines() if "block lasso" in line)
+    assert "| 0 | 88.50% | -0.50 points | 1.50 points | 56.6X |" in no_prox
