@@ -156,3 +156,6 @@ def test_levers_are_reported_over_their_seeds_against_the_same_seeds(tmp_path):
     assert "| 0, 1, 2 | 89.13% ± 0.80 | +0.30 points | 1.20 points ± 0.46 | 60.6X |" in bias8
     no_prox = next(line for line in table.splitlines() if "block lasso" in line)
     assert "| 0 | 88.50% | -0.50 points | 1.50 points | 56.6X |" in no_prox
+    target = next(line for line in table.splitlines() if "this study's target" in line)
+    assert "1.20 points ± 0.46 below FP32 (seeds 0.80, 1.10, 1.70), **60.6X**" in target
+    assert target.endswith("| not decided at this noise |")  # 1.0 - 1.2 is within 2 x 0.26
