@@ -175,7 +175,7 @@ def build(results: Path) -> tuple[str, dict]:
         "| claim (seed) | network | our measurement (mean ± std over seeds) | verdict |",
         "|---|---|---|---|",
     ]
-    lines += _joint_rows(a, seeds, nums) + _target_row(results, nums)
+    lines += _joint_rows(a, seeds, nums) + _target_row(results, nums) + _cnn_rows(results)
     if gbase:
         lines += _quant_only_row(grid, gbase, nums) + _sparse_only_row(grid, gbase, nums)
         lines += _optimal_row(grid, grid_runs, gbase, nums)
@@ -229,6 +229,27 @@ def _target_row(results: Path, nums: dict) -> list[str]:
         f"{MLP}, int8 biases | {_pm(gap / 100, sd / 100, unit=' points')} below FP32 (seeds "
         f"{', '.join(f'{g:.2f}' for g in gaps)}), **{comp:.1f}X** | {v} |"
     ]
+
+
+def _cnn_rows(results: Path) -> list[str]:
+    """The headline claim on ResNet-8 (scripts/resnet_study.sh): one seed per run."""
+    runs = {p.stem: _json(p) for p in sorted((results / "resnet").glob("*.json"))}
+    base = runs.get("fp32")
+    lines = []
+    for name, how in (("w2a2_4x", "from scratch"), ("w2a2_4x_after_fp32", "first half FP32")):
+        r = runs.get(name)
+        if not (r and base):
+            continue
+        gap = 100 * (base["test_accuracy"] - r["test_accuracy"])
+        ok = r["weight_compression"] >= 50
+        lines.append(
+            f"| joint 2/2/4X on every layer: about 50X at accuracy close to FP32 | ResNet-8 "
+            f"(BatchNorm, residual adds), 12 epochs, {how} | {pct(r['test_accuracy'])}, "
+            f"{gap:.2f} points below FP32 ({pct(base['test_accuracy'])}), "
+            f"**{r['weight_compression']:.1f}X** weight memory (every parameter and batch "
+            f"statistic counted) | {verdict(1.5 - gap, math.nan) if ok else 'differs'} |"
+        )
+    return lines
 
 
 def _quant_only_row(grid, gbase, nums: dict) -> list[str]:

@@ -159,3 +159,15 @@ def test_levers_are_reported_over_their_seeds_against_the_same_seeds(tmp_path):
     target = next(line for line in table.splitlines() if "this study's target" in line)
     assert "1.20 points ± 0.46 below FP32 (seeds 0.80, 1.10, 1.70), **60.6X**" in target
     assert target.endswith("| not decided at this noise |")  # 1.0 - 1.2 is within 2 x 0.26
+
+
+def test_resnet_rows_say_what_the_cnn_reached(tmp_path):
+    (tmp_path / "resnet").mkdir()
+    _anchor(tmp_path / "resnet" / "fp32.json", 0.92)
+    _anchor(tmp_path / "resnet" / "w2a2_4x.json", 0.83, compression=26.6)
+    _anchor(tmp_path / "resnet" / "w2a2_4x_after_fp32.json", 0.915, compression=52.0)
+    rows = [line for line in report.build(tmp_path)[0].splitlines() if "ResNet-8" in line]
+    assert len(rows) == 2
+    assert "83.00%, 9.00 points below FP32 (92.00%), **26.6X**" in rows[0]
+    assert rows[0].endswith("| differs |")  # below 50X whatever the accuracy
+    assert rows[1].endswith("| agrees (one seed) |")  # 0.5 points below at 52X
