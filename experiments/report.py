@@ -154,11 +154,12 @@ MLP = "MLP 784-512-512-10"
 GRID_MLP = "MLP 784-256-256-10 grid"
 
 
-def build(results: Path) -> tuple[str, dict]:
+def build(results: Path, levers_table: bool = True) -> tuple[str, dict]:
     """Builds the Markdown results section from the result files.
 
     Args:
       results: the experiments/results directory.
+      levers_table: the levers' table after the claims (else a line pointing to summary.md).
 
     Returns:
       ``(markdown, numbers)``.
@@ -183,8 +184,14 @@ def build(results: Path) -> tuple[str, dict]:
     if grid_runs:
         lines += _pareto_rows(grid_runs, nums)
     lines += ["", RULE]
-    if levers and a["joint"]:
+    if levers and a["joint"] and levers_table:
         lines += _lever_table(results)
+    elif levers and a["joint"]:
+        lines += [
+            "",
+            f"The levers tried on the joint setting ({len(levers)}), each over its seeds: "
+            "[experiments/results/summary.md](experiments/results/summary.md).",
+        ]
     return "\n".join(lines) + "\n", nums
 
 
@@ -535,6 +542,7 @@ def main(argv=None):
     (results / "summary.md").write_text("# Reproduction summary\n\n" + table)
     print(table)
     if args.readme:
+        table, _ = build(results, levers_table=False)
         readme = Path(args.readme)
         text = readme.read_text()
         if START in text and END in text:

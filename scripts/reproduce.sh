@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the study of shared/seed/thesis-abstract.txt on Fashion-MNIST (offline, Debian
-# package), about 23 minutes on 2 CPU cores, and writes small files (CSV, JSON, PNG, Markdown)
+# package), about an hour on 2 CPU cores, and writes small files (CSV, JSON, PNG, Markdown)
 # to experiments/results/, then the README's Results table (experiments/report.py).
 #
 #   bash scripts/reproduce.sh                 # every part

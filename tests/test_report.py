@@ -171,3 +171,18 @@ def test_resnet_rows_say_what_the_cnn_reached(tmp_path):
     assert "83.00%, 9.00 points below FP32 (92.00%), **26.6X**" in rows[0]
     assert rows[0].endswith("| differs |")  # below 50X whatever the accuracy
     assert rows[1].endswith("| agrees (one seed) |")  # 0.5 points below at 52X
+
+
+def test_the_readme_points_to_the_levers_instead_of_listing_them(tmp_path):
+    (tmp_path / "anchors").mkdir()
+    (tmp_path / "levers").mkdir()
+    _anchor(tmp_path / "anchors" / "dense_fp32.json", 0.9)
+    _anchor(tmp_path / "anchors" / "joint.json", 0.89, 56.6)
+    _anchor(tmp_path / "levers" / "no_prox.json", 0.885, 56.6)
+    full, _ = report.build(tmp_path)
+    short, _ = report.build(tmp_path, levers_table=False)
+    assert "block lasso" in full and "block lasso" not in short
+    assert short.rstrip().endswith(
+        "The levers tried on the joint setting (1), each over its seeds: "
+        "[experiments/results/summary.md](experiments/results/summary.md)."
+    )
