@@ -180,6 +180,7 @@ def build(results: Path, levers_table: bool = True) -> tuple[str, dict]:
     if gbase:
         lines += _quant_only_row(grid, gbase, nums) + _sparse_only_row(grid, gbase, nums)
         lines += _optimal_row(grid, grid_runs, gbase, nums)
+    lines += _cnn_grid_rows(results)
     lines += _shape_rows(shapes)
     if grid_runs:
         lines += _pareto_rows(grid_runs, nums)
@@ -259,7 +260,33 @@ def _cnn_rows(results: Path) -> list[str]:
     return lines
 
 
-def _quant_only_row(grid, gbase, nums: dict) -> list[str]:
+CNN_GRID = "LeNet 16/32/256 grid, 3 epochs"
+
+
+def _cnn_grid_rows(results: Path) -> list[str]:
+    """The grid claims on the CNN grid (``cnn_grid``), and its 2/2/4X against its FP32."""
+    runs = _csv(results / "cnn_grid" / "results.csv")
+    grid = _designs(runs)
+    base = next((d for d in grid if _name(d) == "w32/a32/1X"), None)
+    joint = next((d for d in grid if _name(d) == "w2/a2/4X"), None)
+    if not (base and joint):
+        return []
+    gap, se = _paired(base, joint)
+    comp = base["weight_memory_bits"] / joint["weight_memory_bits"]
+    v = verdict(1.5 - gap, se) if comp >= 50 else "differs"
+    scratch: dict = {}
+    return [
+        f"| joint 2-bit W / 2-bit A / 4X blocks on every layer: about 50X at accuracy close to "
+        f"FP32 | {CNN_GRID} | {_pm(joint['test_accuracy'], joint['std'])} against FP32 "
+        f"{_pm(base['test_accuracy'], base['std'])}, {gap:.2f} points below, **{comp:.1f}X** | "
+        f"{v} |",
+        *_quant_only_row(grid, base, scratch, CNN_GRID),
+        *_sparse_only_row(grid, base, scratch, CNN_GRID),
+        *_optimal_row(grid, runs, base, scratch, CNN_GRID),
+    ]
+
+
+def _quant_only_row(grid, gbase, nums: dict, network: str = "") -> list[str]:
     q = [d for d in _within(grid, gbase) if d["block_compression"] == 1 and d["w_bits"] < 32]
     if not q:
         return []
@@ -269,27 +296,28 @@ def _quant_only_row(grid, gbase, nums: dict) -> list[str]:
     v = verdict(*_paired(best, gbase, -1.0)) if red >= 12 else "differs"
     return [
         f"| quantization only: about 16X (here: 12X or more within 1 point of FP32) | "
-        f"{GRID_MLP} | least weight memory within 1 point of the grid's FP32 "
+        f"{network or GRID_MLP} | least weight memory within 1 point of the grid's FP32 "
         f"({_pm(gbase['test_accuracy'], gbase['std'])}): w{best['w_bits']:g}/a"
         f"{best['a_bits']:g}, {_pm(best['test_accuracy'], best['std'])}, **{red:.1f}X** | {v} |"
     ]
 
 
-def _sparse_only_row(grid, gbase, nums: dict) -> list[str]:
+def _sparse_only_row(grid, gbase, nums: dict, network: str = "") -> list[str]:
     s = [d for d in _within(grid, gbase) if d["w_bits"] == 32 and d["a_bits"] == 32]
     best = max(s, key=lambda d: d["block_compression"])
     red = gbase["weight_memory_bits"] / best["weight_memory_bits"]
     nums["sparse_only_reduction"] = red
     v = verdict(*_paired(best, gbase, -1.0)) if red >= 1.5 else "differs"
     return [
-        f"| sparsity only: about 2X (here: 1.5X or more within 1 point of FP32) | {GRID_MLP} | "
+        f"| sparsity only: about 2X (here: 1.5X or more within 1 point of FP32) | "
+        f"{network or GRID_MLP} | "
         f"highest block compression within 1 point: {best['block_compression']:g}X blocks, "
         f"{_pm(best['test_accuracy'], best['std'])}, **{red:.1f}X** weight memory (index "
         f"counted) | {v} |"
     ]
 
 
-def _optimal_row(grid, runs, gbase, nums: dict) -> list[str]:
+def _optimal_row(grid, runs, gbase, nums: dict, network: str = "") -> list[str]:
     """2/2/4X optimal: on the weight-memory Pareto front of every seed."""
     from qsparse import pareto
 
@@ -316,7 +344,7 @@ def _optimal_row(grid, runs, gbase, nums: dict) -> list[str]:
             f"; highest compression within 1 point of FP32: {_name(best)}, "
             f"{_pm(best['test_accuracy'], best['std'])}, {best['weight_compression']:.1f}X"
         )
-    return [f"| 2/2/4X is the optimal joint design | {GRID_MLP} | {text} | {v} |"]
+    return [f"| 2/2/4X is the optimal joint design | {network or GRID_MLP} | {text} | {v} |"]
 
 
 def _shape_rows(shapes) -> list[str]:

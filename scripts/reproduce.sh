@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces the study of shared/seed/thesis-abstract.txt on Fashion-MNIST (offline, Debian
-# package), about an hour on 2 CPU cores, and writes small files (CSV, JSON, PNG, Markdown)
-# to experiments/results/, then the README's Results table (experiments/report.py).
+# package), about an hour and a half on 2 CPU cores, and writes small files (CSV, JSON, PNG,
+# Markdown) to experiments/results/, then the README's Results table (experiments/report.py).
 #
 #   bash scripts/reproduce.sh                 # every part
-#   bash scripts/reproduce.sh anchors grid    # some parts: anchors levers grid shapes report
+#   bash scripts/reproduce.sh anchors grid    # some parts: anchors levers grid shapes cnn report
 #
 # Parts:
 #   anchors  experiments.train: FP32 dense and joint 2/2/4X on every layer; MLP
@@ -18,7 +18,9 @@
 #   grid     experiments.sweep configs/repro_grid.py: 60 designs w x a x compression, seeds
 #            0-2 (~24 min)
 #   shapes   experiments.sweep configs/repro_shapes.py: shallow-dense vs wide- vs deep-sparse
-#            at matched kept weights, seeds 0-2 (~14 min)
+#            at matched kept weights, seeds 0-2 (~12 min)
+#   cnn      experiments.sweep configs/repro_cnn_grid.py: a LeNet-style CNN, FP32 / quantization
+#            only / sparsity only / joint at 2 bits and 4X, seeds 0-2 (~36 min)
 #   report   experiments/report.py: results table, plots, README section
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +33,7 @@ RUNS="${QSPARSE_RUNS:-runs/repro}"
 OUT=experiments/results
 mkdir -p "$RUNS" "$OUT/anchors" "$OUT/levers"
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(anchors levers grid shapes report)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(anchors levers grid shapes cnn report)
 
 train() {  # name config [overrides...]: train (or resume), keep results.json without history
   local name=$1 cfg=$2 dest=$3
@@ -86,7 +88,8 @@ for part in "${PARTS[@]}"; do
       ;;
     grid) sweep grid configs/repro_grid.py ;;
     shapes) sweep shapes configs/repro_shapes.py ;;
+    cnn) sweep cnn_grid configs/repro_cnn_grid.py ;;
     report) "$PY" -m experiments.report --results="$OUT" --readme=README.md ;;
-    *) echo "unknown part '$part': use anchors levers grid shapes report" >&2; exit 2 ;;
+    *) echo "unknown part '$part': use anchors levers grid shapes cnn report" >&2; exit 2 ;;
   esac
 done
