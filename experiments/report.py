@@ -188,11 +188,10 @@ def build(results: Path, levers_table: bool = True) -> tuple[str, dict]:
     if levers and a["joint"] and levers_table:
         lines += _lever_table(results)
     elif levers and a["joint"]:
-        lines += [
-            "",
-            f"The levers tried on the joint setting ({len(levers)}), each over its seeds: "
-            "[experiments/results/summary.md](experiments/results/summary.md).",
-        ]
+        lines[-1] += (
+            f" The levers tried on the joint setting ({len(levers)}), each over its seeds: "
+            "[experiments/results/summary.md](experiments/results/summary.md)."
+        )
     return "\n".join(lines) + "\n", nums
 
 

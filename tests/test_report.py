@@ -183,7 +183,7 @@ def test_the_readme_points_to_the_levers_instead_of_listing_them(tmp_path):
     short, _ = report.build(tmp_path, levers_table=False)
     assert "block lasso" in full and "block lasso" not in short
     assert short.rstrip().endswith(
-        "The levers tried on the joint setting (1), each over its seeds: "
+        " The levers tried on the joint setting (1), each over its seeds: "
         "[experiments/results/summary.md](experiments/results/summary.md)."
     )
 
