@@ -137,17 +137,15 @@ def _seed_gaps(anchors: Path) -> list[tuple[int, float, float]]:
 
     Seed 0 is ``dense_fp32.json`` / ``joint.json``; seed ``s`` is ``*_seed{s}.json``.
     """
-    out = []
-    for f in sorted(anchors.glob("dense_fp32*.json")):
-        m = re.fullmatch(r"dense_fp32(?:_seed(\d+))?", f.stem)
-        if not m:
-            continue
-        suffix = f"_seed{m.group(1)}" if m.group(1) else ""
-        dense, joint = _json(f), _json(anchors / f"joint{suffix}.json")
-        if dense and joint:
-            gap = 100 * (dense["test_accuracy"] - joint["test_accuracy"])
-            out.append((int(m.group(1) or 0), dense["test_accuracy"], gap))
-    return sorted(out)
+    dense, joint = _by_seed(anchors, "dense_fp32"), _by_seed(anchors, "joint")
+    return [
+        (
+            s,
+            dense[s]["test_accuracy"],
+            100 * (dense[s]["test_accuracy"] - joint[s]["test_accuracy"]),
+        )
+        for s in sorted(set(dense) & set(joint))
+    ]
 
 
 MLP = "MLP 784-512-512-10"

@@ -404,16 +404,16 @@ def summary_markdown(rows: Sequence[Mapping], front: Mapping[str, Sequence[int]]
         ("total", "test accuracy vs total memory (weights + activations)"),
         ("weight", "test accuracy vs weight memory"),
     ):
-        extra = [f"front_{name}_seeds"] if seeded else []
-        body = [{**r, "seeds_on_front": r.get(f"front_{name}_seeds")} for r in table_rows]
+        on = f"front_{name}_seeds"
+        body = [{**r, "seeds_on_front": r.get(on)} for r in table_rows]
         lines += [
             "",
             f"## Pareto front: {title}, {len(front[name])} designs",
             "",
-            pareto.front_table(body, front[name], cols + ["seeds_on_front"] * bool(extra)),
+            pareto.front_table(body, front[name], cols + ["seeds_on_front"] * seeded),
         ]
         if seeded:
-            seeds_on = {i: rows[i][extra[0]] for i in front[name]}
+            seeds_on = {i: rows[i][on] for i in front[name]}
             every = [label(rows[i], many) for i, k in seeds_on.items() if k == rows[i]["seeds"]]
             some = [
                 f"{label(rows[i], many)} ({k}/{rows[i]['seeds']})"

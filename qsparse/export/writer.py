@@ -53,10 +53,6 @@ def _ordered(plan: Plan) -> list:
     return sorted(plan.layers.values(), key=lambda lp: lp.order)
 
 
-def _has_bias(plan: Plan, lp) -> bool:
-    return (*lp.path[:-1], "bias") in plan.params_shapes
-
-
 def _next_layer(ordered, lp):
     """The layer after ``lp`` in a chain, or None for the last."""
     i = ordered.index(lp)
@@ -193,7 +189,7 @@ def _chain_calls(plan: Plan, model, ordered, input_shape) -> list[dict]:
         calls = graphs.trace_layers(model, input_shape)
     else:
         # A chain of Dense layers: each consumes the previous output.
-        calls = graphs.dense_chain_calls(plan, ordered, lambda lp: _has_bias(plan, lp))
+        calls = graphs.dense_chain_calls(plan, ordered, lambda lp: plan.bias_path(lp) is not None)
     if [c["name"] for c in calls] != names:
         raise ValueError(f"traced layers {[c['name'] for c in calls]} differ from plan {names}")
     return calls
@@ -232,8 +228,9 @@ def _encode_chain_layer(payload, plan, lp, nxt, layer_spec, params, qparams, qua
     w_bits, a_bits = _chain_bits(layer_spec, name, nxt)
     q = get_path(quantized["q"], lp.path)
     arrays, fields = encode.encode_weight(payload, lp, q, w_bits, qparams, quantized["steps"])
-    if _has_bias(plan, lp):
-        bias = get_path(params, (*lp.path[:-1], "bias"))
+    bias_path = plan.bias_path(lp)
+    if bias_path is not None:
+        bias = get_path(params, bias_path)
         arrays.update(encode.encode_bias(payload, name, name, bias, lp.rule.bias_bits))
     act_q = nxt is not None and nxt.act_quantized and not nxt.a_signed and a_bits < FULL
     if act_q:
@@ -250,8 +247,8 @@ def _encode_chain_layer(payload, plan, lp, nxt, layer_spec, params, qparams, qua
         "kind": call["kind"],
         "kernel_shape": list(lp.kernel_shape),
         "matrix_shape": fields["matrix_shape"],
-        "use_bias": _has_bias(plan, lp),
-        "bias_bits": lp.rule.bias_bits if _has_bias(plan, lp) else FULL,
+        "use_bias": bias_path is not None,
+        "bias_bits": lp.rule.bias_bits if bias_path is not None else FULL,
         **_quantizer_fields(lp.rule, w_bits),
         **{k: fields[k] for k in ("block_sparse", "block_shape", "block_grid")},
         "kept_blocks": fields["kept_blocks"],
