@@ -180,6 +180,7 @@ def build(results: Path, levers_table: bool = True) -> tuple[str, dict]:
         lines += _optimal_row(grid, grid_runs, gbase, nums)
     lines += _cnn_grid_rows(results)
     lines += _shape_rows(shapes)
+    lines += _shape_rows(_designs(_csv(results / "cnn_shapes" / "results.csv")), CNN_SHAPES)
     if grid_runs:
         lines += _pareto_rows(grid_runs, nums)
     lines += ["", RULE]
@@ -258,6 +259,7 @@ def _cnn_rows(results: Path) -> list[str]:
 
 
 CNN_GRID = "LeNet 16/32/256 grid, 3 epochs"
+CNN_SHAPES = "CNNs: LeNet 8/16/32 dense, LeNet 16/32/64 and VGG 16,16/32,32/64 sparse, 3 epochs"
 
 
 def _cnn_grid_rows(results: Path) -> list[str]:
@@ -344,7 +346,8 @@ def _optimal_row(grid, runs, gbase, nums: dict, network: str = "") -> list[str]:
     return [f"| 2/2/4X is the optimal joint design | {network or GRID_MLP} | {text} | {v} |"]
 
 
-def _shape_rows(shapes) -> list[str]:
+def _shape_rows(shapes, network: str = "MLPs") -> list[str]:
+    """Deep-sparse against shallow-dense at w2/a2 and w32/a32, paired by seed."""
     lines = []
     for bits in ((2, 2), (32, 32)):
         by = {str(d["model"]): d for d in shapes if (d["w_bits"], d["a_bits"]) == bits}
@@ -357,8 +360,9 @@ def _shape_rows(shapes) -> list[str]:
             for m, d in sorted(by.items(), key=lambda kv: -kv[1]["test_accuracy"])
         )
         lines.append(
-            f"| deep-sparse beats shallow-dense at the same memory | MLPs, w{bits[0]}/a{bits[1]},"
-            f" matched kept weights | {desc} | {verdict(*_paired(deep, shallow))} |"
+            f"| deep-sparse beats shallow-dense at the same memory | {network}, "
+            f"w{bits[0]}/a{bits[1]}, matched kept weights | {desc} | "
+            f"{verdict(*_paired(deep, shallow))} |"
         )
     return lines
 

@@ -2,9 +2,10 @@
 
 A sweep config's ``sweep`` block names grids (``w_bits``, ``a_bits``, ``compression``,
 ``seeds``, optionally ``learning_rate``, ``prox_strength``) and model variants (``models``);
-every point of their product is a :class:`Setting`. Settings of one model shape train together,
-``sweep.chunk_size`` at a time (:func:`make_chunks`). ``experiments.sweep`` re-exports the
-public names.
+every point of their product is a :class:`Setting`. ``bit_pairs`` (optional, a list of
+``[w_bits, a_bits]``) replaces the product of ``w_bits`` and ``a_bits`` with those pairs.
+Settings of one model shape train together, ``sweep.chunk_size`` at a time
+(:func:`make_chunks`). ``experiments.sweep`` re-exports the public names.
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def validate_sweep(config) -> None:
             raise common.ConfigError(f"sweep.{key} is missing: a sweep config needs it")
     for key in GRID_KEYS:
         _check_grid(f"sweep.{key}", sw[key], key)
+    _bit_pairs(sw)
     for i, seed in enumerate(_number_list("sweep.seeds", sw.seeds)):
         ok = float(seed) == int(seed) and seed >= 0
         _check(ok, f"sweep.seeds[{i}]", seed, "use an integer >= 0")
@@ -190,6 +192,28 @@ def _check_variants(config) -> None:
         for key in GRID_KEYS:
             if key in m:
                 _check_grid(f"{field}.{key}", m[key], key)
+        for key in ("w_bits", "a_bits"):
+            with_pairs = key in m and _bit_pairs(config.sweep)
+            _check(
+                not with_pairs, f"{field}.{key}", m.get(key), "leave it out: sweep.bit_pairs is set"
+            )
+
+
+def _bit_pairs(sw) -> list[tuple[int, int]]:
+    """``sweep.bit_pairs`` checked: ``[w_bits, a_bits]`` pairs, each once ([] when unset)."""
+    from experiments import common
+
+    pairs = sw.get("bit_pairs", None) or []
+    ok = isinstance(pairs, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs
+    )
+    _check(ok, "sweep.bit_pairs", pairs, "use a list of [w_bits, a_bits] pairs")
+    for i, (w, a) in enumerate(pairs):
+        common.check_setting_value("w_bits", f"sweep.bit_pairs[{i}][0]", w)
+        common.check_setting_value("a_bits", f"sweep.bit_pairs[{i}][1]", a)
+    out = [(int(w), int(a)) for w, a in pairs]
+    _check(len(set(out)) == len(out), "sweep.bit_pairs", pairs, "use each pair once")
+    return out
 
 
 def plan_setting(settings, s):
@@ -202,8 +226,8 @@ def plan_setting(settings, s):
 def enumerate_settings(config) -> list[Setting]:
     """All settings of a sweep config, in a fixed order (their ids).
 
-    Order: model variant, then ``w_bits``, ``a_bits``, ``compression``, ``learning_rate``,
-    ``prox_strength``, ``seeds`` (the last varies fastest).
+    Order: model variant, then ``w_bits``, ``a_bits`` (or ``bit_pairs``), ``compression``,
+    ``learning_rate``, ``prox_strength``, ``seeds`` (the last varies fastest).
 
     Args:
       config: the sweep config.
@@ -214,10 +238,14 @@ def enumerate_settings(config) -> list[Setting]:
     sw = config.sweep
     lrs = list(sw.get("learning_rate", None) or []) or [config.learning_rate]
     proxes = list(sw.get("prox_strength", None) or []) or [config.sparsity.prox_strength]
+    pairs = _bit_pairs(sw)
     out = []
     for m in _variants(config):
-        grid = [list(m.get(k, sw[k])) for k in GRID_KEYS]
-        for w, a, c, lr, prox, seed in itertools.product(*grid, lrs, proxes, list(sw.seeds)):
+        bits = pairs or list(itertools.product(*(m.get(k, sw[k]) for k in ("w_bits", "a_bits"))))
+        comps = list(m.get("compression", sw.compression))
+        for (w, a), c, lr, prox, seed in itertools.product(
+            bits, comps, lrs, proxes, list(sw.seeds)
+        ):
             out.append(
                 Setting(
                     id=len(out),

@@ -4,7 +4,8 @@
 # Markdown) to experiments/results/, then the README's Results table (experiments/report.py).
 #
 #   bash scripts/reproduce.sh                 # every part
-#   bash scripts/reproduce.sh anchors grid    # some parts: anchors levers grid shapes cnn report
+#   bash scripts/reproduce.sh anchors grid    # some parts: anchors levers grid shapes cnn
+#                                             # cnn_shapes report
 #
 # Parts:
 #   anchors  experiments.train: FP32 dense and joint 2/2/4X on every layer; MLP
@@ -21,6 +22,8 @@
 #            at matched kept weights, seeds 0-2 (~12 min)
 #   cnn      experiments.sweep configs/repro_cnn_grid.py: a LeNet-style CNN, FP32 / quantization
 #            only / sparsity only / joint at 2 bits and 4X, seeds 0-2 (~36 min)
+#   cnn_shapes  experiments.sweep configs/repro_cnn_shapes.py: shallow-dense vs wide- vs
+#            deep-sparse CNNs at matched kept weights, w2/a2 and w32/a32, seeds 0-2 (~25 min)
 #   report   experiments/report.py: results table, plots, README section
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,7 +36,7 @@ RUNS="${QSPARSE_RUNS:-runs/repro}"
 OUT=experiments/results
 mkdir -p "$RUNS" "$OUT/anchors" "$OUT/levers"
 PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(anchors levers grid shapes cnn report)
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(anchors levers grid shapes cnn cnn_shapes report)
 
 train() {  # name config [overrides...]: train (or resume), keep results.json without history
   local name=$1 cfg=$2 dest=$3
@@ -89,7 +92,8 @@ for part in "${PARTS[@]}"; do
     grid) sweep grid configs/repro_grid.py ;;
     shapes) sweep shapes configs/repro_shapes.py ;;
     cnn) sweep cnn_grid configs/repro_cnn_grid.py ;;
+    cnn_shapes) sweep cnn_shapes configs/repro_cnn_shapes.py ;;
     report) "$PY" -m experiments.report --results="$OUT" --readme=README.md ;;
-    *) echo "unknown part '$part': use anchors levers grid shapes cnn report" >&2; exit 2 ;;
+    *) echo "unknown part '$part': use anchors levers grid shapes cnn cnn_shapes report" >&2; exit 2 ;;
   esac
 done

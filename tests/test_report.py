@@ -114,6 +114,12 @@ def _seeded(root):
             shapes.append(f"{model},{seed},32,32,4,{acc - 0.01 * seed},100,10,110,false")
     (root / "shapes").mkdir()
     (root / "shapes" / "results.csv").write_text("\n".join(shapes) + "\n")
+    cnn = [cols]  # the CNNs: shallow-dense ahead of deep-sparse by a point in every seed
+    for seed, deep in enumerate((0.87, 0.872, 0.869)):
+        for model, acc in (("deep-sparse", deep), ("shallow-dense", deep + 0.01)):
+            cnn.append(f"{model},{seed},2,2,4,{acc},100,10,110,false")
+    (root / "cnn_shapes").mkdir()
+    (root / "cnn_shapes" / "results.csv").write_text("\n".join(cnn) + "\n")
 
 
 def test_seeded_grid_and_shapes_rows_carry_their_verdicts(tmp_path):
@@ -132,6 +138,9 @@ def test_seeded_grid_and_shapes_rows_carry_their_verdicts(tmp_path):
     assert "w2/a2" in deep[0] and "deep-sparse 89.10% ± 0.36" in deep[0]
     # w32/a32: deep ahead by 1.0 points in every seed, but the seeds move both by 1 point.
     assert "deep-sparse 88.10% ± 1.15" in deep[1] and deep[1].endswith("| agrees |")
+    # The CNNs' row is their own (w2/a2 only here), with the opposite verdict.
+    assert len(deep) == 3 and "| CNNs" in deep[2] and "| MLPs" in deep[0]
+    assert "shallow-dense 88.03% ± 0.15" in deep[2] and deep[2].endswith("| differs |")
     act = next(v for k, v in rows.items() if k.startswith("activation memory"))
     assert act.endswith("| agrees |") and "per seed: 8% vs 60%; 8% vs 44%; 8% vs 60%" in act
 

@@ -485,12 +485,35 @@ def test_sharded_equals_unsharded_and_divergence_is_contained(mapped, tmp_path):
         ({"sweep.models": [{"name": "x", "hidden": [64], "widths": [3]}]}, "sweep.models[0]"),
         ({"sweep.models": [{"name": "x", "hidden": [0]}]}, "sweep.models[0].hidden"),
         ({"sweep.models": [{"name": "x", "hidden": [64], "w_bits": [5, 64]}]}, "w_bits"),
+        ({"sweep.bit_pairs": [[2, 2], [2]]}, "sweep.bit_pairs"),
+        ({"sweep.bit_pairs": [[2, 0]]}, "sweep.bit_pairs[0][1]"),
+        ({"sweep.bit_pairs": [[2, 2], [2, 2]]}, "sweep.bit_pairs"),
+        (
+            {
+                "sweep.bit_pairs": [[2, 2]],
+                "sweep.models": [{"name": "x", "hidden": [8], "a_bits": [4]}],
+            },
+            "sweep.models[0].a_bits",
+        ),
     ],
 )
 def test_bad_sweep_values_fail_before_compute(override, field, tmp_path):
     with pytest.raises(common.ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
         sweep.run_sweep(tiny_config(**override), tmp_path / "wd", progress=False)
     assert not (tmp_path / "wd").exists()
+
+
+def test_bit_pairs_replace_the_product_of_weight_and_activation_bits():
+    pairs = [[2, 2], [32, 32]]
+    product = sweep.enumerate_settings(
+        tiny_config(**{"sweep.w_bits": [2, 32], "sweep.a_bits": [2, 32]})
+    )
+    paired = sweep.enumerate_settings(tiny_config(**{"sweep.bit_pairs": pairs}))
+    assert len(product) == 2 * len(paired)
+    assert {(s.w_bits, s.a_bits) for s in paired} == {(2, 2), (32, 32)}
+    # Each paired setting is the product's setting of the same bits, model and seed.
+    key = lambda s: (s.model, s.w_bits, s.a_bits, s.compression, s.seed)  # noqa: E731
+    assert {key(s) for s in paired} <= {key(s) for s in product}
 
 
 def test_cli_bad_value_is_one_line_exit_2(tmp_path):
