@@ -53,7 +53,9 @@ def get_base() -> ml_collections.ConfigDict:
     c.sparsity.first_compression = 0.0  # 0 = same as compression
     c.sparsity.last_compression = 0.0  # 0 = same as compression
     c.sparsity.prox_strength = 1e-4  # block-lasso lambda (threshold = lr(t) * lambda)
-    c.sparsity.balanced = False  # equal kept blocks per block row
+    # none | rows (equal kept blocks per block row) | columns (the layer's kept blocks spread
+    # evenly over its block columns: no output-channel group loses every block)
+    c.sparsity.balanced = "none"
     c.sparsity.scope = "layer"  # layer | global block budget
     c.sparsity.prune_begin_epoch = 3  # phase 1 (train + prox) ends here
     c.sparsity.prune_end_epoch = 10  # phase 2 (gradual cubic pruning) ends here; then fine-tune

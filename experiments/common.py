@@ -162,6 +162,12 @@ def _validate_sparsity(s) -> None:
         )
     check_setting_value("prox_strength", "sparsity.prox_strength", s.prox_strength)
     _check(s.scope in ("layer", "global"), "sparsity.scope", s.scope, "use 'layer' or 'global'")
+    _check(
+        s.balanced in sparsity.BALANCE,
+        "sparsity.balanced",
+        s.balanced,
+        f"use one of {sparsity.BALANCE}",
+    )
     _check(s.prune_every_steps >= 1, "sparsity.prune_every_steps", s.prune_every_steps, "use >= 1")
 
 
@@ -764,7 +770,7 @@ def guard_workdir(workdir: Path, config, overwrite: bool) -> None:
     saved = workdir / "config.json"
     text = config_json(config)
     if saved.exists() and saved.read_text() != text:
-        old = json.loads(saved.read_text())
+        old = read_saved_config(saved)
         new = json.loads(text)
         diff = sorted(_diff_keys(old, new))
         if not diff:  # only fields added since, at their defaults: the same run
@@ -781,6 +787,22 @@ def guard_workdir(workdir: Path, config, overwrite: bool) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     if not saved.exists():
         write_text(saved, text)
+
+
+def read_saved_config(path: Path) -> dict:
+    """A saved config.json, its older value forms in today's (``sparsity.balanced`` was a bool).
+
+    Args:
+      path: the config.json file.
+
+    Returns:
+      The config as a dict.
+    """
+    d = json.loads(Path(path).read_text())
+    sp = d.get("sparsity", {})
+    if isinstance(sp.get("balanced"), bool):
+        sp["balanced"] = sparsity.check_balance(sp["balanced"])
+    return d
 
 
 _ABSENT = object()
@@ -1004,7 +1026,7 @@ def restore_run(workdir) -> tuple[Run, dict, Any, dict]:
     cfg_path = workdir / "config.json"
     if not cfg_path.exists():
         raise FileNotFoundError(f"workdir={str(workdir)!r} has no config.json: not a qsparse run")
-    config = ml_collections.ConfigDict(json.loads(cfg_path.read_text()))
+    config = ml_collections.ConfigDict(read_saved_config(cfg_path))
     if "sweep" in config:
         raise FileNotFoundError(
             f"workdir={str(workdir)!r} is a sweep, not a training run: open one of its designs "

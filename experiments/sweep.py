@@ -300,10 +300,12 @@ def read_config(workdir):
     """
     import ml_collections
 
+    from experiments import common
+
     path = Path(workdir) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"workdir={str(workdir)!r} has no config.json: not a sweep")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    config = ml_collections.ConfigDict(common.read_saved_config(path))
     for f in ("block_shape", "first_block_shape", "last_block_shape"):
         config.sparsity[f] = tuple(config.sparsity[f])
     return config

@@ -172,7 +172,7 @@ def compute_block_masks(
     block_shapes: Mapping[str, tuple[int, int]],
     compression,
     *,
-    balanced: bool = False,
+    balanced: bool | str = False,
     scope: str = "layer",
 ):
     """Block masks for every sparsified parameter of a tree, one entry per block.
@@ -181,7 +181,8 @@ def compute_block_masks(
       params: parameter tree.
       block_shapes: kernel path -> ``(bm, bn)``.
       compression: ratio (value) or mapping path -> ratio (``scope="layer"`` only).
-      balanced: equal kept blocks per block row (per-layer scope only).
+      balanced: ``"none"``, ``"rows"`` or ``"columns"`` (:func:`qsparse.sparsity.block_keep`;
+        per-layer scope only).
       scope: ``"layer"`` (each layer keeps ``1/compression`` of its blocks) or ``"global"``
         (one budget across all sparsified layers).
 
@@ -190,6 +191,7 @@ def compute_block_masks(
     """
     if scope not in ("layer", "global"):
         raise ValueError(f"scope={scope!r} is not allowed: use 'layer' or 'global'")
+    sparsity.check_balance(balanced)
     flat = _by_path(params)
     if scope == "global":
         if isinstance(compression, Mapping):
@@ -291,7 +293,7 @@ def block_sparse_adam(
     begin: int,
     end: int,
     frequency: int = 100,
-    balanced: bool = False,
+    balanced: bool | str = False,
     scope: str = "layer",
 ) -> optax.GradientTransformation:
     """Adam(W) with proximal block lasso, gradual block pruning and masks kept.
@@ -319,7 +321,7 @@ def block_sparse_adam(
       begin: first pruning step (the prox runs on the steps before it).
       end: last pruning step (target reached); ``end >= begin``.
       frequency: steps between mask updates (>= 1).
-      balanced: equal kept blocks per block row.
+      balanced: ``"none"``, ``"rows"`` or ``"columns"`` (:func:`qsparse.sparsity.block_keep`).
       scope: ``"layer"`` (each layer keeps ``1/compression`` of its blocks) or ``"global"``
         (one budget across all pruned layers).
 
@@ -331,6 +333,8 @@ def block_sparse_adam(
       >>> tx = block_sparse_adam(1e-3, {"w": (4, 4)}, 4.0, begin=100, end=500, frequency=50)
     """
     _check_schedule(compression, begin, end, frequency)
+
+    sparsity.check_balance(balanced)
 
     def init_fn(params):
         _check_paths(params, block_shapes)

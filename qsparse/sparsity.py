@@ -170,40 +170,89 @@ def top_k_keep(scores, k):
     return above | (tied & (jnp.cumsum(tied, axis=-1, dtype=jnp.int32) <= room))
 
 
-def block_keep(norms, compression, *, balanced: bool = False):
+BALANCE = ("none", "rows", "columns")
+
+
+def check_balance(balanced, name: str = "balanced") -> str:
+    """The balance mode ``balanced`` names (``False``/``True`` mean ``"none"``/``"rows"``).
+
+    Args:
+      balanced: ``False``, ``True`` or one of :data:`BALANCE`.
+      name: argument name for the error message.
+
+    Returns:
+      One of :data:`BALANCE`.
+
+    Raises:
+      ValueError: anything else.
+    """
+    if balanced is False or balanced is True:
+        return "rows" if balanced else "none"
+    if balanced not in BALANCE:
+        raise ValueError(
+            f"{name}={balanced!r} is not allowed: use one of {BALANCE} ('rows': equal kept "
+            "blocks per block row; 'columns': the layer's kept blocks spread evenly over its "
+            "block columns)"
+        )
+    return balanced
+
+
+def _spread_over_columns(norms, k):
+    """Keeps ``k`` blocks in all, ``k // C`` or one more in every block column.
+
+    Each column keeps its ``k // C`` largest blocks; the ``k mod C`` left over go to the
+    columns whose next block is largest, one each (ties to the lower index).
+    """
+    r, c = norms.shape
+    x = jnp.where(jnp.isnan(norms), -jnp.inf, norms)
+    rank = jnp.argsort(jnp.argsort(-x, axis=0, stable=True), axis=0)  # 0 = largest in column
+    base = k // c
+    keep = rank < base
+    nxt = jnp.where(rank == base, x, -jnp.inf).reshape(-1)
+    extra = top_k_keep(nxt, k - base * c).reshape(r, c) & (rank == base)
+    return keep | extra
+
+
+def block_keep(norms, compression, *, balanced: bool | str = False):
     """Block-level keep mask from block norms.
 
     Args:
       norms: ``(R, C)`` block norms.
       compression: ratio >= 1 (value).
-      balanced: keep ``ceil(C / compression)`` blocks in every block row (the coarse-grain
-        hardware layout) instead of ``ceil(R * C / compression)`` blocks anywhere.
+      balanced: ``"none"`` (or ``False``): ``ceil(R * C / compression)`` blocks anywhere;
+        ``"rows"`` (or ``True``): ``ceil(C / compression)`` blocks in every block row (the
+        coarse-grain hardware layout); ``"columns"``: ``ceil(R * C / compression)`` blocks,
+        spread evenly over the block columns (output-channel groups), so no group of output
+        channels loses every block while others keep many.
 
     Returns:
       ``(R, C)`` float32 0/1 mask.
     """
     r, c = norms.shape
-    if balanced:
-        k = kept_blocks(c, compression)
-        keep = top_k_keep(norms, k)
+    mode = check_balance(balanced)
+    if mode == "rows":
+        keep = top_k_keep(norms, kept_blocks(c, compression))
+    elif mode == "columns":
+        keep = _spread_over_columns(norms, kept_blocks(r * c, compression))
     else:
         k = kept_blocks(r * c, compression)
         keep = top_k_keep(norms.reshape(-1), k).reshape(r, c)
     return keep.astype(jnp.float32)
 
 
-def block_mask(w, block_shape, compression, *, balanced: bool = False):
+def block_mask(w, block_shape, compression, *, balanced: bool | str = False):
     """0/1 mask of ``w``'s shape keeping the blocks of largest L2 norm.
 
-    Keeps ``ceil(n_blocks / compression)`` blocks (per layer), or with ``balanced=True``
-    ``ceil(C / compression)`` blocks in each of the ``R`` block rows. Ties go to the block
-    that comes first in row-major order, so counts are exact.
+    Keeps ``ceil(n_blocks / compression)`` blocks (per layer), or with ``balanced="rows"``
+    ``ceil(C / compression)`` blocks in each of the ``R`` block rows, or with
+    ``balanced="columns"`` ``ceil(n_blocks / compression)`` spread evenly over the columns.
+    Ties go to the block that comes first in row-major order, so counts are exact.
 
     Args:
       w: kernel (Dense ``(in, out)`` or Conv ``(kh, kw, cin, cout)``).
       block_shape: ``(bm, bn)`` dividing the matrix view (else ValueError).
       compression: ratio >= 1, a value (may be traced / vmapped).
-      balanced: equal kept blocks per block row.
+      balanced: ``"none"``, ``"rows"`` or ``"columns"`` (:func:`block_keep`).
 
     Returns:
       float32 mask of ``w.shape``.

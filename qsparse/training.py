@@ -37,7 +37,7 @@ class Schedule:
       prune_end: step at which the target compression is reached; masks frozen after it.
       prune_every: steps between mask updates while pruning.
       warmup_steps: linear learning-rate warmup.
-      balanced: equal kept blocks per block row.
+      balanced: ``"none"``, ``"rows"`` or ``"columns"`` (:func:`qsparse.sparsity.block_keep`).
       scope: ``"layer"`` or ``"global"`` block budget.
       weight_decay: decoupled weight decay (AdamW) on kernels.
       distill_weight: weight of the distillation loss when teacher logits are given.
@@ -49,7 +49,7 @@ class Schedule:
     prune_end: int
     prune_every: int = 50
     warmup_steps: int = 0
-    balanced: bool = False
+    balanced: bool | str = False
     scope: str = "layer"
     weight_decay: float = 0.0
     distill_weight: float = 0.0

@@ -74,7 +74,7 @@ for part in "${PARTS[@]}"; do
       train max_scale configs/joint.py "$OUT/levers" --config.quant.scale_mode=max
       train fixed_clip configs/joint.py "$OUT/levers" --config.quant.learn_clip=False
       train no_prox configs/joint.py "$OUT/levers" --config.sparsity.prox_strength=0.0
-      train balanced configs/joint.py "$OUT/levers" --config.sparsity.balanced=True
+      train balanced configs/joint.py "$OUT/levers" --config.sparsity.balanced=rows
       train long_ft configs/joint.py "$OUT/levers" --config.num_epochs=45
       train distill configs/joint.py "$OUT/levers" --config.distill.weight=0.7 \
         --config.distill.teacher_workdir="$RUNS/dense_fp32"

@@ -254,3 +254,18 @@ def test_vmapped_pruning_follows_each_settings_own_count():
             np.testing.assert_array_equal(a[i], b)
     kept = np.asarray(s_v.masks["a"]["kernel"]).reshape(3, -1).sum(1)
     assert kept[1] == 8 and kept[0] < 8 and kept[2] == 2  # the off-schedule setting kept all
+
+
+def test_column_balanced_pruning_keeps_every_output_group():
+    # a's first block column (outputs 0-3) is 100x smaller: ranked layer-wide it is pruned away.
+    params = make_params()
+    params["a"]["kernel"] = params["a"]["kernel"].at[:, :4].multiply(0.01)
+    for balanced, first_column in (("none", 0), ("columns", 2)):
+        tx = optim.block_sparse_adam(
+            1e-3, SHAPES, 2.0, begin=0, end=2, frequency=1, balanced=balanced
+        )
+        _, state = run(tx, 4, params)
+        mask = np.asarray(state.masks["a"]["kernel"])  # 4 x 2 blocks, 4 kept
+        assert mask.sum() == 4 and mask[:, 0].sum() == first_column
+    with pytest.raises(ValueError, match="balanced='diagonal'"):
+        optim.block_sparse_adam(1e-3, SHAPES, 2.0, begin=0, end=2, balanced="diagonal")

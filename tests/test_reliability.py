@@ -79,6 +79,7 @@ BAD = [
     ("--config.batch_size=5000", "batch_size=5000"),
     ("--config.sparsity.prune_begin_epoch=8", "prune_begin_epoch"),
     ("--config.sparsity.prune_end_epoch=99", "prune_end_epoch"),
+    ("--config.sparsity.balanced=cols", "sparsity.balanced='cols'"),
 ]
 
 

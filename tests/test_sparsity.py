@@ -86,6 +86,27 @@ def test_balanced_rows():
         assert (per_row == math.ceil(6 / c)).all()
 
 
+def test_balanced_columns_spread_the_layer_budget_over_output_groups():
+    # Block column 0 is 100x smaller: a layer-wide ranking drops it entirely.
+    w = np.asarray(W).copy()
+    w[:, :8] *= 0.01
+    assert kept(block_mask(w, (8, 8), 4)).sum(axis=0)[0] == 0
+    norms = np.asarray(block_norms(w, (8, 8)))
+    for c in [1, 2, 3, 4, 8]:
+        k = kept(block_mask(w, (8, 8), c, balanced="columns"))
+        per_col = k.sum(axis=0)
+        assert k.sum() == math.ceil(48 / c)  # the layer's budget exactly
+        assert per_col.max() - per_col.min() <= 1 and per_col.min() == math.ceil(48 / c) // 6
+        for j in range(k.shape[1]):  # within a column, the largest blocks
+            if 0 < per_col[j] < k.shape[0]:
+                assert norms[k[:, j], j].min() >= norms[~k[:, j], j].max()
+    # Under jit with a traced ratio, and the same as the concrete call.
+    got = jax.jit(lambda c: block_mask(w, (8, 8), c, balanced="columns"))(jnp.float32(3.0))
+    np.testing.assert_array_equal(got, block_mask(w, (8, 8), 3, balanced="columns"))
+    with pytest.raises(ValueError, match="balanced='cols' is not allowed"):
+        block_mask(w, (8, 8), 2, balanced="cols")
+
+
 def test_conv_kernel_matrix_view():
     k = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))  # view (72, 16)
     m = block_mask(k, (9, 4), 4)

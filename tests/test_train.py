@@ -126,6 +126,13 @@ def test_a_run_saved_before_a_field_was_added_resumes(tmp_path):
     again = train_and_evaluate(small_config(**one), tmp_path)  # at their defaults: same run
     assert again["test_accuracy"] == first["test_accuracy"] and again["steps"] == first["steps"]
     assert "init_from" in json.loads((tmp_path / "config.json").read_text())
+    # sparsity.balanced was a bool: false then is "none" now, the same run.
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["sparsity"]["balanced"] = False
+    (tmp_path / "config.json").write_text(json.dumps(saved, sort_keys=True, indent=1))
+    again = train_and_evaluate(small_config(**one), tmp_path)
+    assert again["test_accuracy"] == first["test_accuracy"]
+    assert json.loads((tmp_path / "config.json").read_text())["sparsity"]["balanced"] == "none"
     drop("distill.temperature")  # lacking, and this run sets it to another value: another run
     with pytest.raises(common.ConfigError, match=r"differs in distill.temperature\)"):
         train_and_evaluate(small_config(**one, **{"distill.temperature": 2.0}), tmp_path)
