@@ -35,6 +35,9 @@ def get_base() -> ml_collections.ConfigDict:
     c.quant.scale_mode = "learned"  # max | mean | learned (LSQ step size)
     c.quant.per_channel = False  # one weight scale per output channel
     c.quant.zero_level = True  # level set holds zero (2-bit = ternary)
+    # weight gradient outside the quantizer's range: clipped (zero, LSQ) | identity (passed on,
+    # so weights beyond the range are not frozen)
+    c.quant.weight_grad = "clipped"
     c.quant.act_clip = 2.0  # initial activation clip
     c.quant.learn_clip = True  # PACT: train the clip
     # Forward matmuls of Dense layers fed by a quantized Dense layer on the integer codes

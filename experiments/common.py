@@ -128,6 +128,12 @@ def _validate_quant(q) -> None:
     )
     _check(q.act_clip > 0, "quant.act_clip", q.act_clip, "use a value > 0")
     _check(
+        q.get("weight_grad", "clipped") in quant.WEIGHT_GRADS,
+        "quant.weight_grad",
+        q.get("weight_grad", "clipped"),
+        f"use one of {quant.WEIGHT_GRADS} (the weight gradient outside the quantizer's range)",
+    )
+    _check(
         not q.get("bf16_grads", False) or q.get("int_matmul", False),
         "quant.bf16_grads",
         q.get("bf16_grads", False),
@@ -505,6 +511,7 @@ def rules_from_config(config, names: list[str]) -> list[wrap.Rule]:
                 per_channel=q.per_channel,
                 scale_mode=q.scale_mode,
                 zero_level=q.zero_level,
+                weight_grad=q.get("weight_grad", "clipped"),
                 act_clip=q.act_clip,
                 learn_clip=q.learn_clip,
                 int_matmul=int_matmul,

@@ -31,6 +31,9 @@ import numpy as np
 FULL_PRECISION = 32
 ALLOWED_BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)  # 16 is stored as 16-bit codes; 32 = float
 SCALE_MODES = ("max", "mean", "learned")
+# The weight gradient outside the quantizer's range: "clipped" (zero there, as LSQ) or
+# "identity" (passed on, so a weight beyond the range is not frozen: it can come back in).
+WEIGHT_GRADS = ("clipped", "identity")
 
 
 def check_bits(bits, name: str = "bits") -> None:
@@ -215,6 +218,7 @@ def quantize_weight(
     scale_mode: str = "max",
     step=None,
     zero_level: bool = True,
+    weight_grad: str = "clipped",
 ):
     """Symmetric uniform k-bit weight quantizer (fake-quant) with straight-through gradients.
 
@@ -230,6 +234,9 @@ def quantize_weight(
       scale_mode: ``"max"``, ``"mean"`` (statistics of ``w``) or ``"learned"`` (use ``step``).
       step: the learned step size, shape ``()`` or ``(w.shape[-1],)``; required for ``"learned"``.
       zero_level: ``True`` for the level set with zero, ``False`` for mid-rise ``2**bits`` levels.
+      weight_grad: ``"clipped"``: the weight gradient is zero outside ``[-n s, n s]`` (LSQ);
+        ``"identity"``: it passes there too, so weights beyond the range keep training
+        (pruned weights get none either way). The forward pass is the same.
 
     Returns:
       The fake-quantized weights, same shape and dtype as ``w``.
@@ -241,6 +248,7 @@ def quantize_weight(
     """
     if scale_mode not in SCALE_MODES:
         raise ValueError(f"scale_mode={scale_mode!r} is not allowed: use one of {SCALE_MODES}")
+    check_weight_grad(weight_grad)
     check_bits(bits)
     if scale_mode == "learned":
         if step is None:
@@ -250,7 +258,24 @@ def quantize_weight(
         s = weight_step(
             w, bits, per_channel=per_channel, scale_mode=scale_mode, zero_level=zero_level
         )
-    return _fake_quant(w, s, jnp.asarray(bits, jnp.float32), zero_level)
+    return _fake_quant(w, s, jnp.asarray(bits, jnp.float32), zero_level, weight_grad == "clipped")
+
+
+def check_weight_grad(weight_grad, name: str = "weight_grad") -> None:
+    """Validates a weight-gradient mode (one of :data:`WEIGHT_GRADS`).
+
+    Args:
+      weight_grad: the mode.
+      name: argument name for the error message.
+
+    Raises:
+      ValueError: another value.
+    """
+    if weight_grad not in WEIGHT_GRADS:
+        raise ValueError(
+            f"{name}={weight_grad!r} is not allowed: use one of {WEIGHT_GRADS} (the weight "
+            "gradient outside the quantizer's range: zero, or passed on)"
+        )
 
 
 def _level(x, zero_level: bool):
@@ -270,8 +295,8 @@ def _codes(x, bits, zero_level: bool):
     return jnp.where(binary, jnp.where(x >= 0, 1.0, -1.0), multi)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _fake_quant(w, s, bits, zero_level: bool):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _fake_quant(w, s, bits, zero_level: bool, clipped: bool = True):
     """``codes(w / s) * s`` with exact zeros kept and ``bits >= 32`` passing ``w`` through.
 
     A hand-written VJP: differentiating the forward expression would keep its
@@ -279,7 +304,7 @@ def _fake_quant(w, s, bits, zero_level: bool):
     recomputes the codes from ``w`` in one pass. Gradients (LSQ, Esser et al. 2020):
     ``dq/dw = 1`` inside the range, else 0; ``dq/ds = code - w/s`` inside the range, else the
     clipped code; both 0 for exact zeros (pruned weights stay pruned) and ``dq/dw = 1``,
-    ``dq/ds = 0`` at full precision.
+    ``dq/ds = 0`` at full precision. ``clipped=False``: ``dq/dw = 1`` outside the range too.
     """
     codes = _codes(w / s, bits, zero_level)
     # Exact zeros (pruned weights) stay zero at every bit width: a pruned block is not stored,
@@ -288,11 +313,11 @@ def _fake_quant(w, s, bits, zero_level: bool):
     return jnp.where(bits >= FULL_PRECISION, w, q)
 
 
-def _fake_quant_fwd(w, s, bits, zero_level):
-    return _fake_quant(w, s, bits, zero_level), (w, s, bits)
+def _fake_quant_fwd(w, s, bits, zero_level, clipped):
+    return _fake_quant(w, s, bits, zero_level, clipped), (w, s, bits)
 
 
-def _fake_quant_bwd(zero_level, res, g):
+def _fake_quant_bwd(zero_level, clipped, res, g):
     w, s, bits = res
     # Not w / s: an expression of its own, so XLA does not share one full-size w / s with the
     # forward pass (written out and read back) but recomputes it inside each loop.
@@ -302,7 +327,7 @@ def _fake_quant_bwd(zero_level, res, g):
     full = bits >= FULL_PRECISION
     live = (w != 0) & ~full
     code = _codes(x, bits, zero_level)
-    dw = jnp.where(full | (live & inside), g, 0.0).astype(w.dtype)
+    dw = jnp.where(full | ((live & inside) if clipped else live), g, 0.0).astype(w.dtype)
     # s is one step, or one per output channel (last axis). The product sits inside the
     # select, so XLA:CPU writes out one array of terms for the sum, not g and a factor.
     axes = tuple(range(w.ndim - 1)) if s.ndim else None

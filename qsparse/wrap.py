@@ -72,6 +72,8 @@ class Rule:
       per_channel: one weight scale per output channel.
       scale_mode: ``"max"``, ``"mean"`` or ``"learned"`` (LSQ step size, a trainable parameter).
       zero_level: weight level set holds zero (2-bit = ternary); see :mod:`qsparse.quant`.
+      weight_grad: ``"clipped"`` (LSQ: no weight gradient outside the quantizer's range) or
+        ``"identity"`` (passed on there too); see :func:`qsparse.quant.quantize_weight`.
       a_signed: ``None`` (default): unsigned where the input is provably non-negative, signed
         otherwise; ``True``/``False`` forces it.
       act_clip: initial activation clip level.
@@ -95,6 +97,7 @@ class Rule:
     per_channel: bool = False
     scale_mode: str = "max"
     zero_level: bool = True
+    weight_grad: str = "clipped"
     a_signed: bool | None = None
     act_clip: float = 4.0
     learn_clip: bool = False
@@ -113,6 +116,7 @@ class Rule:
         quant.check_bits(self.w_bits, "w_bits")
         quant.check_bits(self.a_bits, "a_bits")
         quant.check_bias_bits(self.bias_bits)
+        quant.check_weight_grad(self.weight_grad)
         sparsity.check_compression(self.compression)
         if self.scale_mode not in quant.SCALE_MODES:
             raise ValueError(
@@ -545,6 +549,7 @@ class Plan:
                 scale_mode=r.scale_mode,
                 step=qparams.get(name, {}).get("w_step"),
                 zero_level=r.zero_level,
+                weight_grad=r.weight_grad,
             )
             out = set_path(out, lp.path, w)
         return out

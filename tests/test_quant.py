@@ -74,6 +74,26 @@ def test_straight_through_gradient_weights():
     assert 0 < inside.mean() < 1
 
 
+def test_identity_weight_gradient_passes_outside_the_range_but_not_to_pruned_weights():
+    w = W.at[:8].set(0.0)  # eight pruned rows
+    s = weight_step(w, 2, scale_mode="mean")
+    outside = np.abs(np.asarray(w)) > float(s)
+    clipped, identity = (
+        jax.grad(lambda v, m=m: jnp.sum(quantize_weight(v, 2, scale_mode="mean", weight_grad=m)))(w)
+        for m in ("clipped", "identity")
+    )
+    assert outside.any() and np.all(np.asarray(clipped)[outside] == 0)
+    np.testing.assert_array_equal(identity, (np.asarray(w) != 0).astype(np.float32))
+    inside = ~outside & (np.asarray(w) != 0)  # where both pass the gradient, they agree
+    np.testing.assert_array_equal(np.asarray(clipped)[inside], np.asarray(identity)[inside])
+    np.testing.assert_array_equal(  # the forward pass does not depend on the mode
+        quantize_weight(w, 2, scale_mode="mean", weight_grad="identity"),
+        quantize_weight(w, 2, scale_mode="mean"),
+    )
+    with pytest.raises(ValueError, match="weight_grad='ste' is not allowed"):
+        quantize_weight(w, 2, weight_grad="ste")
+
+
 def test_straight_through_gradient_activations_and_pact_clip():
     x = jnp.linspace(-2.01, 6.01, 97)  # no point exactly on 0 or the clip
 

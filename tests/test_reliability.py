@@ -80,6 +80,7 @@ BAD = [
     ("--config.sparsity.prune_begin_epoch=8", "prune_begin_epoch"),
     ("--config.sparsity.prune_end_epoch=99", "prune_end_epoch"),
     ("--config.sparsity.balanced=cols", "sparsity.balanced='cols'"),
+    ("--config.quant.weight_grad=ste", "quant.weight_grad='ste'"),
 ]
 
 
