@@ -259,7 +259,7 @@ def _cnn_rows(results: Path) -> list[str]:
 
 
 CNN_GRID = "LeNet 16/32/256 grid, 3 epochs"
-CNN_SHAPES = "CNNs: LeNet 8/16/32 dense, LeNet 16/32/64 and VGG 16,16/32,32/64 sparse, 3 epochs"
+CNN_SHAPES = "CNNs, 3 epochs: LeNet 8/16/32 dense, LeNet 16/32/64 and 8-layer VGG sparse"
 
 
 def _cnn_grid_rows(results: Path) -> list[str]:

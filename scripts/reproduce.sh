@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the study of shared/seed/thesis-abstract.txt on Fashion-MNIST (offline, Debian
-# package), about an hour and a half on 2 CPU cores, and writes small files (CSV, JSON, PNG,
-# Markdown) to experiments/results/, then the README's Results table (experiments/report.py).
+# package), about 1 h 45 min on 2 CPU cores (the parts' estimates below), and writes small
+# files (CSV, JSON, PNG, Markdown) to experiments/results/, then the README's Results table
+# (experiments/report.py).
 #
 #   bash scripts/reproduce.sh                 # every part
 #   bash scripts/reproduce.sh anchors grid    # some parts: anchors levers grid shapes cnn
@@ -19,9 +20,9 @@
 #   grid     experiments.sweep configs/repro_grid.py: 60 designs w x a x compression, seeds
 #            0-2 (~24 min)
 #   shapes   experiments.sweep configs/repro_shapes.py: shallow-dense vs wide- vs deep-sparse
-#            at matched kept weights, seeds 0-2 (~12 min)
+#            at matched kept weights, w2/a2 and w32/a32, seeds 0-2 (~6 min)
 #   cnn      experiments.sweep configs/repro_cnn_grid.py: a LeNet-style CNN, FP32 / quantization
-#            only / sparsity only / joint at 2 bits and 4X, seeds 0-2 (~36 min)
+#            only / sparsity only / joint at 2 bits and 4X, seeds 0-2 (~28 min)
 #   cnn_shapes  experiments.sweep configs/repro_cnn_shapes.py: shallow-dense vs wide- vs
 #            deep-sparse CNNs at matched kept weights, w2/a2 and w32/a32, seeds 0-2 (~25 min)
 #   report   experiments/report.py: results table, plots, README section
