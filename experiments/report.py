@@ -421,6 +421,7 @@ _LEVERS = {
     "f32_grads": "float32 backward matmuls instead of bfloat16 (quant.bf16_grads)",
     "init_fp32": "started from the FP32 anchor's weights (init_from), 30 more epochs",
     "bias8": "int8 biases and one scale per layer instead of float32 (quant.bias_bits=8)",
+    "ste": "weight gradient passed outside the quantizer's range (quant.weight_grad=identity)",
 }
 
 

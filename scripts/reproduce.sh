@@ -16,7 +16,8 @@
 #            of learned (LSQ) steps, fixed instead of learned (PACT) clips, no proximal block
 #            lasso, balanced blocks, 45 instead of 30 epochs, distillation from the FP32
 #            anchor, float32 instead of bfloat16 backward matmuls, starting from the FP32
-#            anchor's weights (seeds 0-2), int8 biases (seeds 0-2) (~16 min)
+#            anchor's weights (seeds 0-2), int8 biases (seeds 0-2), the weight gradient passed
+#            outside the quantizer's range (seeds 0-2) (~20 min)
 #   grid     experiments.sweep configs/repro_grid.py: 60 designs w x a x compression, seeds
 #            0-2 (~24 min)
 #   shapes   experiments.sweep configs/repro_shapes.py: shallow-dense vs wide- vs deep-sparse
@@ -82,12 +83,15 @@ for part in "${PARTS[@]}"; do
       train f32_grads configs/joint.py "$OUT/levers" --config.quant.bf16_grads=False
       train init_fp32 configs/joint.py "$OUT/levers" --config.init_from="$RUNS/dense_fp32"
       train bias8 configs/joint.py "$OUT/levers" --config.quant.bias_bits=8
+      train ste configs/joint.py "$OUT/levers" --config.quant.weight_grad=identity
       mkdir -p "$OUT/levers/seeds"
-      for seed in 1 2; do  # over the anchors' seeds: the FP32 start, int8 biases
+      for seed in 1 2; do  # over the anchors' seeds: the FP32 start, int8 biases, the gradient
         train "init_fp32_seed$seed" configs/joint.py "$OUT/levers/seeds" --config.seed=$seed \
           --config.init_from="$RUNS/dense_fp32_seed$seed"
         train "bias8_seed$seed" configs/joint.py "$OUT/levers/seeds" --config.seed=$seed \
           --config.quant.bias_bits=8
+        train "ste_seed$seed" configs/joint.py "$OUT/levers/seeds" --config.seed=$seed \
+          --config.quant.weight_grad=identity
       done
       ;;
     grid) sweep grid configs/repro_grid.py ;;

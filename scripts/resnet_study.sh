@@ -2,7 +2,8 @@
 # configs/resnet.py on Fashion-MNIST, the same epochs each: FP32 dense, 4-bit weights and
 # activations with 2X blocks, 2-bit weights and activations with 4X blocks, every covered layer
 # (first and last included), and 2/2/4X again with the first half of the epochs spent in FP32
-# (FP32 for EPOCHS/2, then 2/2/4X for EPOCHS/2 started from it: init_from). Writes
+# (FP32 for EPOCHS/2, then 2/2/4X for EPOCHS/2 started from it: init_from), and 2/2/4X with
+# the weight gradient passed outside the quantizer's range (quant.weight_grad=identity). Writes
 # experiments/results/resnet/*.json and prints the table the README shows. Each run resumes
 # where it stopped.
 #
@@ -51,18 +52,20 @@ run w4a4_2x "$EPOCHS"
 run w2a2_4x "$EPOCHS" "${W2A2[@]}"
 run fp32_half "$HALF" "${FP32[@]}"
 run w2a2_4x_after_fp32 "$HALF" "${W2A2[@]}" --config.init_from="$RUNS/fp32_half"
+run w2a2_4x_ste "$EPOCHS" "${W2A2[@]}" --config.quant.weight_grad=identity
 
 "$PY" - "$OUT" <<'PYEOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-names = ("fp32", "w4a4_2x", "w2a2_4x", "w2a2_4x_after_fp32")
+names = ("fp32", "w4a4_2x", "w2a2_4x", "w2a2_4x_after_fp32", "w2a2_4x_ste")
 rows = {n: json.loads((out / f"{n}.json").read_text()) for n in names}
 fp = rows["fp32"]["test_accuracy"]
 print("| ResNet-8, Fashion-MNIST | test accuracy | vs FP32 | weight memory | compression |")
 print("|---|---|---|---|---|")
 for name, label in (("fp32", "FP32 dense"), ("w4a4_2x", "4-bit W / 4-bit A / 2X blocks"),
                     ("w2a2_4x", "2-bit W / 2-bit A / 4X blocks"),
-                    ("w2a2_4x_after_fp32", "the same, first half of the epochs in FP32")):
+                    ("w2a2_4x_after_fp32", "the same, first half of the epochs in FP32"),
+                    ("w2a2_4x_ste", "the same, weight gradient passed outside the range")):
     r = rows[name]
     print(f"| {label} | {100 * r['test_accuracy']:.2f}% | {100 * (r['test_accuracy'] - fp):+.2f}"
           f" points | {r['weight_memory_bits'] / 8192:.1f} KiB | {r['weight_compression']:.1f}X |")
