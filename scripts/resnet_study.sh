@@ -3,11 +3,12 @@
 # activations with 2X blocks, 2-bit weights and activations with 4X blocks, every covered layer
 # (first and last included), and 2/2/4X again with the first half of the epochs spent in FP32
 # (FP32 for EPOCHS/2, then 2/2/4X for EPOCHS/2 started from it: init_from), and 2/2/4X with
-# the weight gradient passed outside the quantizer's range (quant.weight_grad=identity). Writes
+# the weight gradient passed outside the quantizer's range (quant.weight_grad=identity), from
+# scratch and from the FP32 half. Writes
 # experiments/results/resnet/*.json and prints the table the README shows. Each run resumes
 # where it stopped.
 #
-#   bash scripts/resnet_study.sh [EPOCHS]    # default 12 (the config's): about 35 minutes a run on 2 CPU cores
+#   bash scripts/resnet_study.sh [EPOCHS]    # default 12 (the config's): about 21 minutes a run on 2 CPU cores
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -53,11 +54,14 @@ run w2a2_4x "$EPOCHS" "${W2A2[@]}"
 run fp32_half "$HALF" "${FP32[@]}"
 run w2a2_4x_after_fp32 "$HALF" "${W2A2[@]}" --config.init_from="$RUNS/fp32_half"
 run w2a2_4x_ste "$EPOCHS" "${W2A2[@]}" --config.quant.weight_grad=identity
+run w2a2_4x_ste_after_fp32 "$HALF" "${W2A2[@]}" --config.quant.weight_grad=identity \
+  --config.init_from="$RUNS/fp32_half"
 
 "$PY" - "$OUT" <<'PYEOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-names = ("fp32", "w4a4_2x", "w2a2_4x", "w2a2_4x_after_fp32", "w2a2_4x_ste")
+names = ("fp32", "w4a4_2x", "w2a2_4x", "w2a2_4x_after_fp32", "w2a2_4x_ste",
+         "w2a2_4x_ste_after_fp32")
 rows = {n: json.loads((out / f"{n}.json").read_text()) for n in names}
 fp = rows["fp32"]["test_accuracy"]
 print("| ResNet-8, Fashion-MNIST | test accuracy | vs FP32 | weight memory | compression |")
@@ -65,7 +69,9 @@ print("|---|---|---|---|---|")
 for name, label in (("fp32", "FP32 dense"), ("w4a4_2x", "4-bit W / 4-bit A / 2X blocks"),
                     ("w2a2_4x", "2-bit W / 2-bit A / 4X blocks"),
                     ("w2a2_4x_after_fp32", "the same, first half of the epochs in FP32"),
-                    ("w2a2_4x_ste", "the same, weight gradient passed outside the range")):
+                    ("w2a2_4x_ste", "2/2/4X, weight gradient passed outside the range"
+                     " (`quant.weight_grad=identity`)"),
+                    ("w2a2_4x_ste_after_fp32", "the same, first half of the epochs in FP32")):
     r = rows[name]
     print(f"| {label} | {100 * r['test_accuracy']:.2f}% | {100 * (r['test_accuracy'] - fp):+.2f}"
           f" points | {r['weight_memory_bits'] / 8192:.1f} KiB | {r['weight_compression']:.1f}X |")
