@@ -242,7 +242,10 @@ def _cnn_rows(results: Path) -> list[str]:
     runs = {p.stem: _json(p) for p in sorted((results / "resnet").glob("*.json"))}
     base = runs.get("fp32")
     lines = []
-    for name, how in (("w2a2_4x", "from scratch"), ("w2a2_4x_after_fp32", "first half FP32")):
+    for name, how in (
+        ("w2a2_4x", "from scratch"),
+        ("w2a2_4x_ste", "weight gradient passed outside the range"),
+    ):
         r = runs.get(name)
         if not (r and base):
             continue

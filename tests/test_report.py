@@ -174,7 +174,7 @@ def test_resnet_rows_say_what_the_cnn_reached(tmp_path):
     (tmp_path / "resnet").mkdir()
     _anchor(tmp_path / "resnet" / "fp32.json", 0.92)
     _anchor(tmp_path / "resnet" / "w2a2_4x.json", 0.83, compression=26.6)
-    _anchor(tmp_path / "resnet" / "w2a2_4x_after_fp32.json", 0.915, compression=52.0)
+    _anchor(tmp_path / "resnet" / "w2a2_4x_ste.json", 0.915, compression=52.0)
     rows = [line for line in report.build(tmp_path)[0].splitlines() if "ResNet-8" in line]
     assert len(rows) == 2
     assert "83.00%, 9.00 points below FP32 (92.00%), **26.6X**" in rows[0]
