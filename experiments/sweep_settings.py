@@ -174,6 +174,7 @@ def _check_grid(field: str, values, kind: str) -> None:
 def _check_variants(config) -> None:
     """The model variants: known keys, unique names, positive widths, valid own grids."""
     names = set()
+    paired = bool(_bit_pairs(config.sweep))
     for i, m in enumerate(_variants(config)):
         field = f"sweep.models[{i}]"
         for key in sorted(set(m) - set(VARIANT_KEYS)):
@@ -193,10 +194,8 @@ def _check_variants(config) -> None:
             if key in m:
                 _check_grid(f"{field}.{key}", m[key], key)
         for key in ("w_bits", "a_bits"):
-            with_pairs = key in m and _bit_pairs(config.sweep)
-            _check(
-                not with_pairs, f"{field}.{key}", m.get(key), "leave it out: sweep.bit_pairs is set"
-            )
+            ok = not (paired and key in m)
+            _check(ok, f"{field}.{key}", m.get(key), "leave it out: sweep.bit_pairs is set")
 
 
 def _bit_pairs(sw) -> list[tuple[int, int]]:
