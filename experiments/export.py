@@ -214,6 +214,34 @@ def export_run(workdir, output, setting: int | None = None) -> dict:
         return _export(workdir, output, setting)
 
 
+def packed_logits(packed, run, x):
+    """Logits of a packed file on normalized inputs ``x``, in batches of 1000.
+
+    Args:
+      packed: the loaded file (:func:`qsparse.export.load`).
+      run: the run it was exported from (its model and plan run a file without a graph).
+      x: normalized inputs.
+
+    Returns:
+      The logits as a numpy array.
+    """
+    import jax
+    import numpy as np
+
+    from qsparse import export
+
+    if packed.graph is not None:
+        return np.asarray(packed.predict(x, batch_size=1000))
+    # Model layout: the variables go back through the run's own model.
+    r = export.restore(packed)
+    fn = jax.jit(
+        lambda xb: run.plan.apply(
+            run.model, r.params, r.qparams, r.spec, xb, state=r.model_state, quantized=True
+        )
+    )
+    return np.concatenate([np.asarray(fn(x[i : i + 1000])) for i in range(0, len(x), 1000)])
+
+
 def _export(workdir, output, setting: int | None) -> dict:
     """:func:`export_run` once the workdir is claimed."""
     import jax
@@ -226,7 +254,11 @@ def _export(workdir, output, setting: int | None) -> dict:
     run, spec, state, results = open_design(workdir, setting)
     ds = run.dataset
     x = qdata.normalize(jnp.asarray(ds.test_x))
-    fn = jax.jit(lambda xb: training.logits_fn(run.model, run.plan, state.params, spec, xb))
+    fn = jax.jit(
+        lambda xb: training.logits_fn(
+            run.model, run.plan, state.params, spec, xb, state.model_state
+        )
+    )
     ref = np.concatenate([np.asarray(fn(x[i : i + 1000])) for i in range(0, len(x), 1000)])
     trained_accuracy = float(np.mean(ref.argmax(-1) == ds.test_y))
     meta = export_meta(workdir, run.config.dataset, ds, trained_accuracy, results)
@@ -238,11 +270,11 @@ def _export(workdir, output, setting: int | None) -> dict:
         state.params,
         spec["layers"],
         model=run.model,
+        model_state=state.model_state,
         input_shape=ds.input_shape,
         meta=meta,
     )
-    packed = export.load(output)
-    got = np.asarray(packed.predict(np.asarray(x), batch_size=1000))
+    got = packed_logits(export.load(output), run, np.asarray(x))
     return {
         **info,
         "meta": meta,
@@ -255,8 +287,11 @@ def _export(workdir, output, setting: int | None) -> dict:
 
 def main(argv):
     del argv
+    import numpy as np
+
     from experiments import common
     from experiments import workdir as workdir_lock
+    from qsparse import data as qdata
     from qsparse import export
 
     if FLAGS.verbosity <= 0:
@@ -267,7 +302,8 @@ def main(argv):
         if FLAGS.check:
             run = open_design(FLAGS.workdir, FLAGS.setting)[0]
             packed = export.load(FLAGS.check)
-            acc = packed.accuracy(run.dataset.test_x, run.dataset.test_y)
+            x = np.asarray(qdata.normalize(run.dataset.test_x))
+            acc = float(np.mean(packed_logits(packed, run, x).argmax(-1) == run.dataset.test_y))
             recorded = packed.manifest.get("meta", {}).get("test_accuracy")
             note = "" if recorded is None else f" (recorded at export {recorded:.4f})"
             print(f"{FLAGS.check}: {packed.file_bytes} bytes, test accuracy {acc:.4f}{note}")

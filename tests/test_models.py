@@ -136,3 +136,38 @@ def test_resnet_trains_moves_batch_statistics_and_checkpoints_keep_them(tmp_path
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     again = training.logits_fn(run.model, run.plan, restored.params, spec, x, restored.model_state)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(logits))
+
+
+def test_a_trained_resnet_run_exports_and_checks_through_the_command_line(tmp_path):
+    """`python -m experiments.export` on a BatchNorm network (no graph in the file): the file
+    goes back through the model with its batch statistics and predicts what the run did."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from experiments.train import train_and_evaluate
+
+    c = _run().config
+    c.quant.w_bits, c.quant.a_bits, c.sparsity.compression = 2, 2, 4.0
+    c.quant.zero_level, c.quant.weight_grad = False, "identity"  # four 2-bit levels
+    r = train_and_evaluate(c, tmp_path / "run")
+    root = Path(__file__).resolve().parents[1]
+
+    def cli(*flags):
+        out = subprocess.run(
+            [sys.executable, "-m", "experiments.export", f"--workdir={tmp_path / 'run'}", *flags],
+            cwd=root,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    out = cli(f"--output={tmp_path / 'm.qsp'}")
+    assert "same predictions: True" in out and "max |logit diff| 0.00e+00" in out
+    assert f"accuracy {r['test_accuracy']:.4f} (trained {r['test_accuracy']:.4f})" in out
+    out = cli(f"--check={tmp_path / 'm.qsp'}")
+    assert f"test accuracy {r['test_accuracy']:.4f} (recorded at export" in out
