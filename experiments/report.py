@@ -244,7 +244,11 @@ def _cnn_rows(results: Path) -> list[str]:
     lines = []
     for name, how in (
         ("w2a2_4x", "from scratch"),
-        ("w2a2_4x_ste", "weight gradient passed outside the range"),
+        (
+            "w2a2_4x_ste_midrise_columns_wd03",
+            "gradient passed outside the range, four 2-bit levels, column-balanced blocks, weight"
+            " decay 0.3",
+        ),
     ):
         r = runs.get(name)
         if not (r and base):

@@ -1,40 +1,49 @@
 #!/usr/bin/env bash
-# configs/resnet.py on Fashion-MNIST, the same epochs each: FP32 dense, 4-bit weights and
-# activations with 2X blocks, 2-bit weights and activations with 4X blocks, every covered layer
-# (first and last included), and 2/2/4X again with the first half of the epochs spent in FP32
-# (FP32 for EPOCHS/2, then 2/2/4X for EPOCHS/2 started from it: init_from), and 2/2/4X with
-# the weight gradient passed outside the quantizer's range (quant.weight_grad=identity), from
-# scratch and from the FP32 half. Writes
-# experiments/results/resnet/*.json and prints the table the README shows. Each run resumes
-# where it stopped.
+# configs/resnet.py on Fashion-MNIST, the same epochs each, every covered layer (first and last
+# included): FP32 dense, 4-bit weights and activations with 2X blocks, and 2-bit weights and
+# activations with 4X blocks, first with LSQ's clipped weight gradient, then with the gradient
+# passed outside the quantizer's range (quant.weight_grad=identity), then also with four 2-bit
+# weight levels instead of three (quant.zero_level=False: the mid-rise set); then one lever at a
+# time on those. Writes experiments/results/resnet/*.json and table.md (the README shows its
+# first rows). Each run resumes where it stopped.
 #
-#   bash scripts/resnet_study.sh [EPOCHS]    # default 12 (the config's): about 21 minutes a run on 2 CPU cores
+#   bash scripts/resnet_study.sh [EPOCHS]    # default 12 (the config's): 15-25 minutes a run
+#                                            # on 2 CPU cores, 14 runs
+#   bash scripts/resnet_study.sh table       # only table.md, from the committed results
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+TABLE_ONLY=0
+[ "${1:-}" = table ] && TABLE_ONLY=1 && shift
 EPOCHS="${1:-12}"
+case "$EPOCHS" in
+  '' | *[!0-9]* | 0 | 1)
+    echo "EPOCHS='$EPOCHS' is not allowed: use a whole number >= 2, or 'table'" >&2
+    exit 2 ;;
+esac
 bash scripts/setup.sh
 PY="${QSPARSE_VENV:-$ROOT/.venv}/bin/python"
-PYTHON="$PY" bash scripts/prepare_data.sh >/dev/null
+[ "$TABLE_ONLY" = 1 ] || PYTHON="$PY" bash scripts/prepare_data.sh >/dev/null
 RUNS="${QSPARSE_RUNS:-runs/resnet_study}"
 OUT=experiments/results/resnet
 mkdir -p "$RUNS" "$OUT"
 # The config's pruning schedule scaled to E epochs: dense for the first sixth, blocks removed
 # until two thirds, then fine-tuned (12 epochs: 2 and 8, as in configs/resnet.py).
-schedule() {  # E
-  local begin=$((($1 + 3) / 6)) end=$(($1 * 2 / 3))
+schedule() {  # E [END]
+  local begin=$((($1 + 3) / 6)) end=${2:-}
+  [ -n "$end" ] || end=$(($1 * 2 / 3))
   [ "$end" -gt "$begin" ] || end=$((begin + 1))
   echo --config.num_epochs="$1" --config.sparsity.prune_begin_epoch="$begin" \
     --config.sparsity.prune_end_epoch="$end"
 }
 
-run() {  # name epochs [overrides...]
+run() {  # name epochs [overrides...]; END=N: pruning ends at epoch N
   local name=$1 epochs=$2
   shift 2
   echo "== $name"
   # shellcheck disable=SC2046  # the schedule's flags are words
   "$PY" -m experiments.train --config=configs/resnet.py --workdir="$RUNS/$name" \
-    $(schedule "$epochs") "$@" | tail -n 1
+    $(schedule "$epochs" "${END:-}") "$@" | tail -n 1
   "$PY" - "$RUNS/$name/results.json" "$OUT/$name.json" <<'PYEOF'
 import json, sys
 r = json.load(open(sys.argv[1]))
@@ -47,32 +56,58 @@ FP32=(--config.quant.w_bits=32 --config.quant.a_bits=32 --config.sparsity.compre
   --config.sparsity.block_shape='()' --config.sparsity.first_block_shape='()'
   --config.sparsity.last_block_shape='()')
 W2A2=(--config.quant.w_bits=2 --config.quant.a_bits=2 --config.sparsity.compression=4)
+STE=("${W2A2[@]}" --config.quant.weight_grad=identity)
+# The study's 2/2/4X recipe: the identity gradient and four 2-bit levels.
+MIDRISE=("${STE[@]}" --config.quant.zero_level=False)
 HALF=$((EPOCHS / 2))
+if [ "$TABLE_ONLY" = 0 ]; then
 run fp32 "$EPOCHS" "${FP32[@]}"
 run w4a4_2x "$EPOCHS"
 run w2a2_4x "$EPOCHS" "${W2A2[@]}"
+run w2a2_4x_ste "$EPOCHS" "${STE[@]}"
+run w2a2_4x_ste_midrise "$EPOCHS" "${MIDRISE[@]}"
+# Levers, one at a time.
+run w2a2_4x_ste_midrise_columns "$EPOCHS" "${MIDRISE[@]}" --config.sparsity.balanced=columns
+run w2a2_4x_ste_midrise_wd "$EPOCHS" "${MIDRISE[@]}" --config.weight_decay=0.1
+run w2a2_4x_ste_midrise_columns_wd "$EPOCHS" "${MIDRISE[@]}" --config.sparsity.balanced=columns \
+  --config.weight_decay=0.1
+run w2a2_4x_ste_midrise_columns_wd03 "$EPOCHS" "${MIDRISE[@]}" --config.sparsity.balanced=columns \
+  --config.weight_decay=0.3
+END=$HALF run w2a2_4x_ste_midrise_ft6 "$EPOCHS" "${MIDRISE[@]}"
 run fp32_half "$HALF" "${FP32[@]}"
+run w2a2_4x_ste_distill "$EPOCHS" "${STE[@]}" --config.distill.weight=0.7 \
+  --config.distill.temperature=4 --config.distill.teacher_workdir="$RUNS/fp32_half"
 run w2a2_4x_after_fp32 "$HALF" "${W2A2[@]}" --config.init_from="$RUNS/fp32_half"
-run w2a2_4x_ste "$EPOCHS" "${W2A2[@]}" --config.quant.weight_grad=identity
-run w2a2_4x_ste_after_fp32 "$HALF" "${W2A2[@]}" --config.quant.weight_grad=identity \
-  --config.init_from="$RUNS/fp32_half"
+run w2a2_4x_ste_after_fp32 "$HALF" "${STE[@]}" --config.init_from="$RUNS/fp32_half"
+fi
 
-"$PY" - "$OUT" <<'PYEOF'
+"$PY" - "$OUT" "$EPOCHS" <<'PYEOF' | tee "$OUT/table.md"
 import json, pathlib, sys
-out = pathlib.Path(sys.argv[1])
-names = ("fp32", "w4a4_2x", "w2a2_4x", "w2a2_4x_after_fp32", "w2a2_4x_ste",
-         "w2a2_4x_ste_after_fp32")
-rows = {n: json.loads((out / f"{n}.json").read_text()) for n in names}
-fp = rows["fp32"]["test_accuracy"]
-print("| ResNet-8, Fashion-MNIST | test accuracy | vs FP32 | weight memory | compression |")
+out, epochs = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+half = epochs // 2
+rows = (
+    ("fp32", "FP32 dense"),
+    ("w4a4_2x", "4-bit W / 4-bit A / 2X blocks"),
+    ("w2a2_4x", "2-bit W / 2-bit A / 4X blocks (LSQ's clipped weight gradient)"),
+    ("w2a2_4x_ste", "2/2/4X, weight gradient passed outside the range (`quant.weight_grad=identity`)"),
+    ("w2a2_4x_ste_midrise", "the same, four 2-bit weight levels (`quant.zero_level=False`)"),
+    ("w2a2_4x_ste_midrise_columns", "lever on the row above: column-balanced blocks (`sparsity.balanced=columns`)"),
+    ("w2a2_4x_ste_midrise_wd", "lever: weight decay 0.1"),
+    ("w2a2_4x_ste_midrise_columns_wd", "lever: column-balanced blocks, weight decay 0.1"),
+    ("w2a2_4x_ste_midrise_columns_wd03", "lever: column-balanced blocks, weight decay 0.3"),
+    ("w2a2_4x_ste_midrise_ft6", f"lever: pruning ends at epoch {half}, not {epochs * 2 // 3}"),
+    ("w2a2_4x_ste_distill", f"2/2/4X, identity gradient, distilled from FP32 (weight 0.7, T=4; "
+     f"teacher {half} FP32 epochs)"),
+    ("w2a2_4x_after_fp32", f"2/2/4X (clipped gradient) after {half} FP32 epochs, {half} epochs"),
+    ("w2a2_4x_ste_after_fp32", f"the same, identity gradient"),
+)
+runs = {n: json.loads((out / f"{n}.json").read_text()) for n, _ in rows}
+fp = runs["fp32"]["test_accuracy"]
+print(f"ResNet-8 on Fashion-MNIST, {epochs} epochs, seed 0: `bash scripts/resnet_study.sh {epochs}`\n")
+print("| run | test accuracy | vs FP32 | weight memory | compression |")
 print("|---|---|---|---|---|")
-for name, label in (("fp32", "FP32 dense"), ("w4a4_2x", "4-bit W / 4-bit A / 2X blocks"),
-                    ("w2a2_4x", "2-bit W / 2-bit A / 4X blocks"),
-                    ("w2a2_4x_after_fp32", "the same, first half of the epochs in FP32"),
-                    ("w2a2_4x_ste", "2/2/4X, weight gradient passed outside the range"
-                     " (`quant.weight_grad=identity`)"),
-                    ("w2a2_4x_ste_after_fp32", "the same, first half of the epochs in FP32")):
-    r = rows[name]
+for name, label in rows:
+    r = runs[name]
     print(f"| {label} | {100 * r['test_accuracy']:.2f}% | {100 * (r['test_accuracy'] - fp):+.2f}"
           f" points | {r['weight_memory_bits'] / 8192:.1f} KiB | {r['weight_compression']:.1f}X |")
 PYEOF
