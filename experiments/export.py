@@ -214,6 +214,13 @@ def export_run(workdir, output, setting: int | None = None) -> dict:
         return _export(workdir, output, setting)
 
 
+def _in_batches(fn, x):
+    """``fn`` over ``x`` in batches of 1000, concatenated on the host."""
+    import numpy as np
+
+    return np.concatenate([np.asarray(fn(x[i : i + 1000])) for i in range(0, len(x), 1000)])
+
+
 def packed_logits(packed, run, x):
     """Logits of a packed file on normalized inputs ``x``, in batches of 1000.
 
@@ -239,7 +246,7 @@ def packed_logits(packed, run, x):
             run.model, r.params, r.qparams, r.spec, xb, state=r.model_state, quantized=True
         )
     )
-    return np.concatenate([np.asarray(fn(x[i : i + 1000])) for i in range(0, len(x), 1000)])
+    return _in_batches(fn, x)
 
 
 def _export(workdir, output, setting: int | None) -> dict:
@@ -259,7 +266,7 @@ def _export(workdir, output, setting: int | None) -> dict:
             run.model, run.plan, state.params, spec, xb, state.model_state
         )
     )
-    ref = np.concatenate([np.asarray(fn(x[i : i + 1000])) for i in range(0, len(x), 1000)])
+    ref = _in_batches(fn, x)
     trained_accuracy = float(np.mean(ref.argmax(-1) == ds.test_y))
     meta = export_meta(workdir, run.config.dataset, ds, trained_accuracy, results)
     if setting is not None:
