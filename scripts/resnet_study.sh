@@ -71,14 +71,18 @@ run w2a2_4x_ste_midrise_columns "$EPOCHS" "${MIDRISE[@]}" --config.sparsity.bala
 run w2a2_4x_ste_midrise_wd "$EPOCHS" "${MIDRISE[@]}" --config.weight_decay=0.1
 run w2a2_4x_ste_midrise_columns_wd "$EPOCHS" "${MIDRISE[@]}" --config.sparsity.balanced=columns \
   --config.weight_decay=0.1
-run w2a2_4x_ste_midrise_columns_wd03 "$EPOCHS" "${MIDRISE[@]}" --config.sparsity.balanced=columns \
-  --config.weight_decay=0.3
+BEST=("${MIDRISE[@]}" --config.sparsity.balanced=columns --config.weight_decay=0.3)
+run w2a2_4x_ste_midrise_columns_wd03 "$EPOCHS" "${BEST[@]}"
 END=$HALF run w2a2_4x_ste_midrise_ft6 "$EPOCHS" "${MIDRISE[@]}"
 run fp32_half "$HALF" "${FP32[@]}"
 run w2a2_4x_ste_distill "$EPOCHS" "${STE[@]}" --config.distill.weight=0.7 \
   --config.distill.temperature=4 --config.distill.teacher_workdir="$RUNS/fp32_half"
 run w2a2_4x_after_fp32 "$HALF" "${W2A2[@]}" --config.init_from="$RUNS/fp32_half"
 run w2a2_4x_ste_after_fp32 "$HALF" "${STE[@]}" --config.init_from="$RUNS/fp32_half"
+for seed in 1 2; do  # FP32 and the best 2/2/4X recipe over two more seeds
+  run "fp32_seed$seed" "$EPOCHS" "${FP32[@]}" --config.seed=$seed
+  run "w2a2_4x_ste_midrise_columns_wd03_seed$seed" "$EPOCHS" "${BEST[@]}" --config.seed=$seed
+done
 fi
 
 "$PY" - "$OUT" "$EPOCHS" <<'PYEOF' | tee "$OUT/table.md"
@@ -110,4 +114,33 @@ for name, label in rows:
     r = runs[name]
     print(f"| {label} | {100 * r['test_accuracy']:.2f}% | {100 * (r['test_accuracy'] - fp):+.2f}"
           f" points | {r['weight_memory_bits'] / 8192:.1f} KiB | {r['weight_compression']:.1f}X |")
+
+
+def stats(xs):
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else float("nan")
+    return m, sd
+
+
+def seeds(name):
+    found = {0: runs[name]}
+    for f in sorted(out.glob(f"{name}_seed*.json")):
+        found[int(f.stem.rsplit("_seed", 1)[1])] = json.loads(f.read_text())
+    return found
+
+
+fps, best = seeds("fp32"), seeds("w2a2_4x_ste_midrise_columns_wd03")
+both = sorted(set(fps) & set(best))
+gaps = [100 * (fps[s]["test_accuracy"] - best[s]["test_accuracy"]) for s in both]
+print(f"\nOver seeds {', '.join(map(str, both))} (gaps paired by seed):\n")
+print("| run | " + " | ".join(f"seed {s}" for s in both) + " | mean ± std |")
+print("|---|" + "---|" * (len(both) + 1))
+for label, rs in (("FP32 dense", fps), ("2/2/4X, column-balanced blocks, weight decay 0.3", best)):
+    accs = [100 * rs[s]["test_accuracy"] for s in both]
+    print(f"| {label} | " + " | ".join(f"{a:.2f}%" for a in accs) + " | %.2f%% ± %.2f |" % stats(accs))
+print("| gap (points below FP32) | " + " | ".join(f"{g:.2f}" for g in gaps) + " | %.2f ± %.2f |" % stats(gaps))
+w4 = 100 * (fp - runs["w4a4_2x"]["test_accuracy"])
+print(f"\nTargets: 4/4/2X within 1.5 points of FP32: {w4:.2f} (seed 0), "
+      f"{'met' if w4 <= 1.5 else 'missed'}; 2/2/4X within 4 points: {stats(gaps)[0]:.2f} "
+      f"(mean over {len(gaps)} seeds), {'met' if stats(gaps)[0] <= 4 else 'missed'}.")
 PYEOF

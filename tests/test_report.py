@@ -171,16 +171,23 @@ def test_levers_are_reported_over_their_seeds_against_the_same_seeds(tmp_path):
 
 
 def test_resnet_rows_say_what_the_cnn_reached(tmp_path):
-    (tmp_path / "resnet").mkdir()
-    _anchor(tmp_path / "resnet" / "fp32.json", 0.92)
-    _anchor(tmp_path / "resnet" / "w2a2_4x.json", 0.83, compression=26.6)
-    _anchor(tmp_path / "resnet" / "w2a2_4x_ste.json", 0.86, compression=26.6)  # not a row
-    _anchor(tmp_path / "resnet" / "w2a2_4x_ste_midrise_columns_wd03.json", 0.915, compression=52.0)
+    res = tmp_path / "resnet"
+    res.mkdir()
+    best = "w2a2_4x_ste_midrise_columns_wd03"
+    for seed, fp32, acc in ((0, 0.92, 0.915), (1, 0.93, 0.915), (2, 0.91, 0.90)):
+        suffix = f"_seed{seed}" if seed else ""
+        _anchor(res / f"fp32{suffix}.json", fp32)
+        _anchor(res / f"{best}{suffix}.json", acc, compression=52.0)
+    _anchor(res / "w2a2_4x.json", 0.83, compression=26.6)  # seed 0 only
+    _anchor(res / "w2a2_4x_ste.json", 0.86, compression=26.6)  # not a row
     rows = [line for line in report.build(tmp_path)[0].splitlines() if "ResNet-8" in line]
     assert len(rows) == 2
-    assert "83.00%, 9.00 points below FP32 (92.00%), **26.6X**" in rows[0]
+    assert "83.00%, 9.00 points below FP32 (92.00%; seed 0), **26.6X**" in rows[0]
     assert rows[0].endswith("| differs |")  # below 50X whatever the accuracy
-    assert "weight decay 0.3" in rows[1] and rows[1].endswith("| agrees (one seed) |")  # 52X
+    # Gaps paired by seed: 0.5, 1.5, 1.0 points.
+    assert "weight decay 0.3 | 91.00% ± 0.87, 1.00 points ± 0.50 below FP32" in rows[1]
+    assert "(92.00% ± 1.00; seeds 0-2), **52.0X**" in rows[1]
+    assert rows[1].endswith("| not decided at this noise |")  # 1.5 - 1.0 is within 2 x 0.29
 
 
 def test_the_readme_points_to_the_levers_instead_of_listing_them(tmp_path):
