@@ -1,35 +1,50 @@
 #!/usr/bin/env bash
 # Reproduces the study of shared/seed/thesis-abstract.txt on Fashion-MNIST (offline, Debian
-# package), about 1 h 45 min on 2 CPU cores (the parts' estimates below), and writes small
+# package), about 75 minutes on 2 CPU cores (the parts' estimates below), and writes small
 # files (CSV, JSON, PNG, Markdown) to experiments/results/, then the README's Results table
-# (experiments/report.py).
+# (experiments/report.py). Each part resumes where it stopped.
 #
-#   bash scripts/reproduce.sh                 # every part
+#   bash scripts/reproduce.sh                 # every part of the study
 #   bash scripts/reproduce.sh anchors grid    # some parts: anchors levers grid shapes cnn
-#                                             # cnn_shapes report
+#                                             # cnn_shapes report, and more_levers (not in
+#                                             # the default run)
 #
 # Parts:
 #   anchors  experiments.train: FP32 dense and joint 2/2/4X on every layer; MLP
 #            784-512-512-10, 30 epochs, seeds 0, 1, 2 (~6 min; quantization-only and
 #            sparsity-only come from the grid)
-#   levers   experiments.train: the joint setting with one lever changed each: max-abs instead
-#            of learned (LSQ) steps, fixed instead of learned (PACT) clips, no proximal block
-#            lasso, balanced blocks, 45 instead of 30 epochs, distillation from the FP32
-#            anchor, float32 instead of bfloat16 backward matmuls, starting from the FP32
-#            anchor's weights (seeds 0-2), int8 biases (seeds 0-2), the weight gradient passed
-#            outside the quantizer's range (seeds 0-2) (~20 min)
+#   levers   experiments.train: the joint setting started from the FP32 anchor's weights, and
+#            with int8 biases (the study's 60X target), seeds 0-2 (~8 min)
 #   grid     experiments.sweep configs/repro_grid.py: 60 designs w x a x compression, seeds
 #            0-2 (~24 min)
 #   shapes   experiments.sweep configs/repro_shapes.py: shallow-dense vs wide- vs deep-sparse
 #            at matched kept weights, w2/a2 and w32/a32, seeds 0-2 (~6 min)
 #   cnn      experiments.sweep configs/repro_cnn_grid.py: a LeNet-style CNN, FP32 / quantization
-#            only / sparsity only / joint at 2 bits and 4X, seeds 0-2 (~28 min)
+#            only / sparsity only / joint at 2 bits and 4X, seeds 0-2 (~19 min)
 #   cnn_shapes  experiments.sweep configs/repro_cnn_shapes.py: shallow-dense vs wide- vs
-#            deep-sparse CNNs at matched kept weights, w2/a2 and w32/a32, seeds 0-2 (~25 min)
+#            deep-sparse CNNs at matched kept weights, w2/a2, seeds 0-2 (~13 min)
 #   report   experiments/report.py: results table, plots, README section
+#   more_levers  the joint setting with one more lever changed each, seed 0 unless said: max-abs
+#            instead of learned (LSQ) steps, fixed instead of learned (PACT) clips, no proximal
+#            block lasso, balanced blocks, 45 instead of 30 epochs, distillation from the FP32
+#            anchor, float32 instead of bfloat16 backward matmuls, the weight gradient passed
+#            outside the quantizer's range (seeds 0-2) (~14 min; needs anchors; the report's
+#            levers table reads whatever lever results are there)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+PARTS=("$@")
+[ ${#PARTS[@]} -eq 0 ] && PARTS=(anchors levers grid shapes cnn cnn_shapes report)
+for part in "${PARTS[@]}"; do  # every name checked before hours of training start
+  case "$part" in
+    anchors | levers | more_levers | grid | shapes | cnn | cnn_shapes | report) ;;
+    *)
+      echo "unknown part '$part': use anchors levers grid shapes cnn cnn_shapes report" \
+        "more_levers" >&2
+      exit 2
+      ;;
+  esac
+done
 bash scripts/setup.sh
 VENV="${QSPARSE_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
@@ -37,8 +52,6 @@ PYTHON="$PY" bash scripts/prepare_data.sh >/dev/null
 RUNS="${QSPARSE_RUNS:-runs/repro}"
 OUT=experiments/results
 mkdir -p "$RUNS" "$OUT/anchors" "$OUT/levers"
-PARTS=("$@")
-[ ${#PARTS[@]} -eq 0 ] && PARTS=(anchors levers grid shapes cnn cnn_shapes report)
 
 train() {  # name config [overrides...]: train (or resume), keep results.json without history
   local name=$1 cfg=$2 dest=$3
@@ -73,6 +86,18 @@ for part in "${PARTS[@]}"; do
       done
       ;;
     levers)
+      mkdir -p "$OUT/levers/seeds"
+      train init_fp32 configs/joint.py "$OUT/levers" --config.init_from="$RUNS/dense_fp32"
+      train bias8 configs/joint.py "$OUT/levers" --config.quant.bias_bits=8
+      for seed in 1 2; do  # over the anchors' seeds
+        train "init_fp32_seed$seed" configs/joint.py "$OUT/levers/seeds" --config.seed=$seed \
+          --config.init_from="$RUNS/dense_fp32_seed$seed"
+        train "bias8_seed$seed" configs/joint.py "$OUT/levers/seeds" --config.seed=$seed \
+          --config.quant.bias_bits=8
+      done
+      ;;
+    more_levers)
+      mkdir -p "$OUT/levers/seeds"
       train max_scale configs/joint.py "$OUT/levers" --config.quant.scale_mode=max
       train fixed_clip configs/joint.py "$OUT/levers" --config.quant.learn_clip=False
       train no_prox configs/joint.py "$OUT/levers" --config.sparsity.prox_strength=0.0
@@ -81,15 +106,8 @@ for part in "${PARTS[@]}"; do
       train distill configs/joint.py "$OUT/levers" --config.distill.weight=0.7 \
         --config.distill.teacher_workdir="$RUNS/dense_fp32"
       train f32_grads configs/joint.py "$OUT/levers" --config.quant.bf16_grads=False
-      train init_fp32 configs/joint.py "$OUT/levers" --config.init_from="$RUNS/dense_fp32"
-      train bias8 configs/joint.py "$OUT/levers" --config.quant.bias_bits=8
       train ste configs/joint.py "$OUT/levers" --config.quant.weight_grad=identity
-      mkdir -p "$OUT/levers/seeds"
-      for seed in 1 2; do  # over the anchors' seeds: the FP32 start, int8 biases, the gradient
-        train "init_fp32_seed$seed" configs/joint.py "$OUT/levers/seeds" --config.seed=$seed \
-          --config.init_from="$RUNS/dense_fp32_seed$seed"
-        train "bias8_seed$seed" configs/joint.py "$OUT/levers/seeds" --config.seed=$seed \
-          --config.quant.bias_bits=8
+      for seed in 1 2; do
         train "ste_seed$seed" configs/joint.py "$OUT/levers/seeds" --config.seed=$seed \
           --config.quant.weight_grad=identity
       done
@@ -99,6 +117,6 @@ for part in "${PARTS[@]}"; do
     cnn) sweep cnn_grid configs/repro_cnn_grid.py ;;
     cnn_shapes) sweep cnn_shapes configs/repro_cnn_shapes.py ;;
     report) "$PY" -m experiments.report --results="$OUT" --readme=README.md ;;
-    *) echo "unknown part '$part': use anchors levers grid shapes cnn cnn_shapes report" >&2; exit 2 ;;
   esac
+  echo "-- $part done at $((SECONDS / 60)) min $((SECONDS % 60)) s"
 done
