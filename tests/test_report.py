@@ -221,3 +221,29 @@ def test_the_cnn_grid_gets_the_grid_claims_under_its_own_name(tmp_path):
     ]
     # Gaps 2.0, 5.2, 1.7 points: mean 2.97 ± 1.94, 1.5 is within two standard errors.
     assert "2.97 points below, **53.3X** | not decided at this noise |" in cnn[0]
+
+
+def test_a_four_design_cnn_grid_says_what_it_cannot_decide(tmp_path):
+    cols = "model,seed,w_bits,a_bits,block_compression,test_accuracy,weight_memory_bits"
+    cols += ",peak_activation_bits,total_memory_bits,diverged"
+    lines = [cols]
+    for w, a, c, accs, bits in (  # FP32, quantization only, sparsity only, joint
+        (32, 32, 1, (0.905, 0.908, 0.904), 8000),
+        (2, 2, 1, (0.886, 0.887, 0.883), 500),  # 1.9, 2.1, 2.1 points below FP32
+        (32, 32, 4, (0.88, 0.89, 0.885), 2100),
+        (2, 2, 4, (0.87, 0.87, 0.862), 135),  # the least memory: on every seed's front
+    ):
+        for seed, acc in enumerate(accs):
+            lines.append(f"m,{seed},{w},{a},{c},{acc},{bits},10,{bits + 10},false")
+    (tmp_path / "cnn_grid").mkdir()
+    (tmp_path / "cnn_grid" / "results.csv").write_text("\n".join(lines) + "\n")
+    table, _ = report.build(tmp_path)
+    rows = {
+        line.split(" | ")[0][2:]: line for line in table.splitlines() if report.CNN_GRID in line
+    }
+    quant = next(v for k, v in rows.items() if k.startswith("quantization only"))
+    assert "no quantization-only design within 1 point" in quant
+    assert "the closest: w2/a2, 88.53% ± 0.21, **16.0X** | differs |" in quant
+    optimal = rows["2/2/4X is the optimal joint design"]
+    assert "front in 3 of 3 seeds" in optimal
+    assert optimal.endswith("| not tested: no smaller design in this grid |")
