@@ -6,7 +6,7 @@ Run:
   python -m experiments.sweep --config=configs/repro_cnn_grid.py --workdir=runs/repro/cnn_grid
 
 The seed's claims on a convolutional network, at a size that fits the study's time budget on 2
-CPU cores (about 19 minutes): narrower and shorter than configs/lenet.py (32/64 channels, 10
+CPU cores (about 20 minutes): narrower and shorter than configs/lenet.py (32/64 channels, 10
 epochs), every covered layer quantized and blocked, the first conv's 25x16 matrix in (5, 8)
 blocks.
 """

@@ -14,7 +14,7 @@ convolutional networks (kept weights: the codes that dominate weight memory):
   = 28,794.
 
 Every covered layer is quantized and blocked; the first conv's matrix (25 or 9 rows) takes
-(1, 8) blocks, so one block shape serves all three. About 13 minutes on 2 CPU cores.
+(1, 8) blocks, so one block shape serves all three. About 12 minutes on 2 CPU cores.
 """
 
 from configs.repro_cnn_grid import get_config as _cnn_grid

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the study of shared/seed/thesis-abstract.txt on Fashion-MNIST (offline, Debian
-# package), about 75 minutes on 2 CPU cores (the parts' estimates below), and writes small
+# package), 75 minutes on 2 CPU cores (the parts' estimates below), and writes small
 # files (CSV, JSON, PNG, Markdown) to experiments/results/, then the README's Results table
 # (experiments/report.py). Each part resumes where it stopped.
 #
@@ -16,13 +16,13 @@
 #   levers   experiments.train: the joint setting started from the FP32 anchor's weights, and
 #            with int8 biases (the study's 60X target), seeds 0-2 (~8 min)
 #   grid     experiments.sweep configs/repro_grid.py: 60 designs w x a x compression, seeds
-#            0-2 (~24 min)
+#            0-2 (~22 min)
 #   shapes   experiments.sweep configs/repro_shapes.py: shallow-dense vs wide- vs deep-sparse
 #            at matched kept weights, w2/a2 and w32/a32, seeds 0-2 (~6 min)
 #   cnn      experiments.sweep configs/repro_cnn_grid.py: a LeNet-style CNN, FP32 / quantization
-#            only / sparsity only / joint at 2 bits and 4X, seeds 0-2 (~19 min)
+#            only / sparsity only / joint at 2 bits and 4X, seeds 0-2 (~20 min)
 #   cnn_shapes  experiments.sweep configs/repro_cnn_shapes.py: shallow-dense vs wide- vs
-#            deep-sparse CNNs at matched kept weights, w2/a2, seeds 0-2 (~13 min)
+#            deep-sparse CNNs at matched kept weights, w2/a2, seeds 0-2 (~12 min)
 #   report   experiments/report.py: results table, plots, README section
 #   more_levers  the joint setting with one more lever changed each, seed 0 unless said: max-abs
 #            instead of learned (LSQ) steps, fixed instead of learned (PACT) clips, no proximal
