@@ -116,20 +116,10 @@ for name, label in rows:
           f" points | {r['weight_memory_bits'] / 8192:.1f} KiB | {r['weight_compression']:.1f}X |")
 
 
-def stats(xs):
-    m = sum(xs) / len(xs)
-    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else float("nan")
-    return m, sd
+# Seeds found and statistics as the claims table computes them.
+from experiments.report import _by_seed, _stats
 
-
-def seeds(name):
-    found = {0: runs[name]}
-    for f in sorted(out.glob(f"{name}_seed*.json")):
-        found[int(f.stem.rsplit("_seed", 1)[1])] = json.loads(f.read_text())
-    return found
-
-
-fps, best = seeds("fp32"), seeds("w2a2_4x_ste_midrise_columns_wd03")
+fps, best = _by_seed(out, "fp32"), _by_seed(out, "w2a2_4x_ste_midrise_columns_wd03")
 both = sorted(set(fps) & set(best))
 gaps = [100 * (fps[s]["test_accuracy"] - best[s]["test_accuracy"]) for s in both]
 print(f"\nOver seeds {', '.join(map(str, both))} (gaps paired by seed):\n")
@@ -137,10 +127,10 @@ print("| run | " + " | ".join(f"seed {s}" for s in both) + " | mean ± std |")
 print("|---|" + "---|" * (len(both) + 1))
 for label, rs in (("FP32 dense", fps), ("2/2/4X, column-balanced blocks, weight decay 0.3", best)):
     accs = [100 * rs[s]["test_accuracy"] for s in both]
-    print(f"| {label} | " + " | ".join(f"{a:.2f}%" for a in accs) + " | %.2f%% ± %.2f |" % stats(accs))
-print("| gap (points below FP32) | " + " | ".join(f"{g:.2f}" for g in gaps) + " | %.2f ± %.2f |" % stats(gaps))
+    print(f"| {label} | " + " | ".join(f"{a:.2f}%" for a in accs) + " | %.2f%% ± %.2f |" % _stats(accs)[:2])
+print("| gap (points below FP32) | " + " | ".join(f"{g:.2f}" for g in gaps) + " | %.2f ± %.2f |" % _stats(gaps)[:2])
 w4 = 100 * (fp - runs["w4a4_2x"]["test_accuracy"])
 print(f"\nTargets: 4/4/2X within 1.5 points of FP32: {w4:.2f} (seed 0), "
-      f"{'met' if w4 <= 1.5 else 'missed'}; 2/2/4X within 4 points: {stats(gaps)[0]:.2f} "
-      f"(mean over {len(gaps)} seeds), {'met' if stats(gaps)[0] <= 4 else 'missed'}.")
+      f"{'met' if w4 <= 1.5 else 'missed'}; 2/2/4X within 4 points: {_stats(gaps)[0]:.2f} "
+      f"(mean over {len(gaps)} seeds), {'met' if _stats(gaps)[0] <= 4 else 'missed'}.")
 PYEOF
