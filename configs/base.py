@@ -71,6 +71,10 @@ def get_base() -> ml_collections.ConfigDict:
     c.weight_decay = 0.0
     c.seed = 0
     c.eval_batch_size = 1000
+    # After each epoch, the model's batch statistics recomputed as plain means over this many
+    # training batches at the epoch's weights (BatchNorm re-estimation; 0 = the model's own
+    # moving averages): see qsparse.training.make_recalibrate.
+    c.recalibrate_batches = 0
 
     c.distill = ml_collections.ConfigDict()
     c.distill.weight = 0.0  # weight of the teacher's soft targets (0 = off)

@@ -204,9 +204,24 @@ def _validate_schedule(config, num_train: int | None) -> None:
             config.batch_size,
             f"use at most the {num_train} training examples of {config.dataset}",
         )
+        recal = config.get("recalibrate_batches", 0)
+        _check(
+            not isinstance(recal, int) or recal * config.batch_size <= num_train,
+            "recalibrate_batches",
+            recal,
+            f"use at most {num_train // config.batch_size} (batches of {config.batch_size} in"
+            f" the {num_train} training examples of {config.dataset})",
+        )
     check_setting_value("learning_rate", "learning_rate", config.learning_rate)
     _check(config.warmup_epochs >= 0, "warmup_epochs", config.warmup_epochs, "use >= 0")
     _check(config.weight_decay >= 0, "weight_decay", config.weight_decay, "use >= 0")
+    _check(
+        isinstance(config.get("recalibrate_batches", 0), int)
+        and config.get("recalibrate_batches", 0) >= 0,
+        "recalibrate_batches",
+        config.get("recalibrate_batches", 0),
+        "use a whole number >= 0 (0 = off)",
+    )
     _check(0 <= config.distill.weight <= 1, "distill.weight", config.distill.weight, "use 0..1")
     _check(
         config.checkpoint_every_epochs >= 1,

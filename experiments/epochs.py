@@ -1,10 +1,10 @@
 """The epoch loop ``experiments.train`` and ``experiments.sweep`` share.
 
 One run, or one chunk of a sweep (its settings stacked on a leading axis), trains the same
-way: each epoch is the compiled epoch, then the evaluation of the test split, then the numbers
-fetched to the host, then a checkpoint every ``config.checkpoint_every_epochs`` epochs and
-after the last. What the caller does with an epoch's numbers (history, logs, progress) is its
-``on_epoch``.
+way: each epoch is the compiled epoch, then (a run's option) its batch statistics
+re-estimated, then the evaluation of the test split, then the numbers fetched to the host, then
+a checkpoint every ``config.checkpoint_every_epochs`` epochs and after the last. What the
+caller does with an epoch's numbers (history, logs, progress) is its ``on_epoch``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class Epoch:
       step: the step count after it (a chunk's settings all take the same steps).
       train: its training metrics (``loss``, ``accuracy``, ``all_finite``,
         ``first_nonfinite_step``; per setting in a chunk).
-      test: ``accuracy`` and ``loss`` on the test split (per setting in a chunk).
+      test: ``accuracy`` and ``loss`` on the test split (per setting in a chunk); with
+        re-estimated batch statistics also ``accuracy_moving_averages``, before it.
       seconds: its wall time: training, evaluation and fetching the numbers.
     """
 
@@ -50,6 +51,7 @@ def run_epochs(
     mgr,
     on_epoch: Callable[[Epoch], None],
     meta: Callable[[int], dict],
+    recalibrate: Callable | None = None,
 ):
     """Trains epochs ``start`` .. ``config.num_epochs - 1`` from ``state``.
 
@@ -65,6 +67,9 @@ def run_epochs(
       mgr: the checkpoint manager.
       on_epoch: called with each finished :class:`Epoch`, before its checkpoint.
       meta: ``meta(epochs_done)``: the metadata saved with a checkpoint.
+      recalibrate: ``recalibrate(state, epoch) -> state``, applied after each epoch's training
+        and before its evaluation and checkpoint (batch statistics re-estimated; the test split
+        is evaluated before it too), or ``None``.
 
     Returns:
       The final state.
@@ -75,7 +80,13 @@ def run_epochs(
     for epoch in range(start, total):
         t0 = time.perf_counter()
         state, m = epoch_fn(state, data["train_x"], data["train_y"], keys(epoch), spec)
+        before = None
+        if recalibrate is not None:
+            before = eval_fn(state.params, spec, data["test_x"], data["test_y"], state.model_state)
+            state = recalibrate(state, epoch)
         ev = eval_fn(state.params, spec, data["test_x"], data["test_y"], state.model_state)
+        if before is not None:
+            ev = {**ev, "accuracy_moving_averages": before["accuracy"]}
         m, ev, steps = multihost.fetch((m, ev, state.step))
         seconds = time.perf_counter() - t0
         step = int(np.ravel(steps)[0])

@@ -134,6 +134,8 @@ def validate_sweep(config) -> None:
     _check(vec in VECTORIZE, "sweep.vectorize", vec, f"use one of {VECTORIZE}")
     no_teacher = "use 0 in a sweep (a teacher per setting is not supported)"
     _check(config.distill.weight == 0, "distill.weight", config.distill.weight, no_teacher)
+    recal = config.get("recalibrate_batches", 0)
+    _check(recal == 0, "recalibrate_batches", recal, "use 0 in a sweep (train runs support it)")
     _check_variants(config)
     # Every distinct setting config must pass the single-run checks (e.g. compression > 1
     # needs a block shape); the checks are cheap, so run them all before any data is read.

@@ -127,6 +127,7 @@ def _train(run, ds, workdir: Path, loop: str) -> dict:
             mgr=mgr,
             on_epoch=functools.partial(_log_epoch, run, writer, progress),
             meta=progress.meta,
+            recalibrate=_recalibrator(run, spec, dev, state),
         )
     finally:
         writer.flush()
@@ -135,6 +136,37 @@ def _train(run, ds, workdir: Path, loop: str) -> dict:
     if multihost.is_primary():
         common.write_json(workdir / "results.json", results)
     return results
+
+
+def _recalibrator(run, spec, dev, state):
+    """``config.recalibrate_batches`` as ``run_epochs``' ``recalibrate``, or ``None`` (0).
+
+    Raises:
+      ConfigError: the model has no batch statistics to recompute.
+    """
+    import jax
+
+    from experiments import common
+    from qsparse import training
+
+    config = run.config
+    if not config.recalibrate_batches:
+        return None
+    if not state.model_state:
+        raise common.ConfigError(
+            f"recalibrate_batches={config.recalibrate_batches} is not allowed: model"
+            f" {config.model.name!r} has no batch statistics (use 0)"
+        )
+    fn = training.make_recalibrate(run.model, run.plan, config.batch_size)
+
+    def recalibrate(state, epoch):
+        key = jax.random.fold_in(common.epoch_key(config.seed, epoch), 1)
+        ms = fn(
+            state.params, spec, state.model_state, dev["train_x"], key, config.recalibrate_batches
+        )
+        return state._replace(model_state=ms)
+
+    return recalibrate
 
 
 def data_mesh(batch_size: int):
@@ -245,6 +277,8 @@ def _log_epoch(run, writer, progress: _Progress, e) -> None:
         "block_compression_now": comp if run.plan.block_shapes() else 1.0,
         "steps_per_second": rate,
     }
+    if "accuracy_moving_averages" in e.test:  # batch statistics re-estimated
+        row["test_accuracy_moving_averages"] = float(e.test["accuracy_moving_averages"])
     progress.history.append(row)
     writer.write_scalars(e.step, {k: v for k, v in row.items() if k not in ("epoch", "step")})
     writer.write_scalars(e.step, {"eta_seconds": eta})
@@ -253,7 +287,12 @@ def _log_epoch(run, writer, progress: _Progress, e) -> None:
     print(
         f"epoch {e.index + 1}/{total} step {e.step} loss {row['train_loss']:.4f} "
         f"train_acc {row['train_accuracy']:.4f} test_acc {row['test_accuracy']:.4f} "
-        f"blocks {row['block_compression_now']:.2f}x {rate:.0f} steps/s "
+        + (
+            f"(moving averages {row['test_accuracy_moving_averages']:.4f}) "
+            if "test_accuracy_moving_averages" in row
+            else ""
+        )
+        + f"blocks {row['block_compression_now']:.2f}x {rate:.0f} steps/s "
         f"ETA {common.fmt_time(eta)}",
         flush=True,
     )
@@ -267,6 +306,11 @@ def _results(run, state, spec, ev, progress: _Progress) -> dict:
 
     config = run.config
     results = common.result_metrics(run, state, spec, float(ev["accuracy"]))
+    last = progress.history[-1] if progress.history else {}
+    if "test_accuracy_moving_averages" in last:  # the last epoch's, before re-estimation
+        results["test_accuracy_moving_averages"] = common.readable(
+            last["test_accuracy_moving_averages"]
+        )
     steps = int(state.step)
     seconds = progress.train_seconds
     results.update(

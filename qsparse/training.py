@@ -714,6 +714,85 @@ def make_eval(model, plan: Plan, batch_size: int = 1000):
     return evaluate
 
 
+def make_recalibrate(model, plan: Plan, batch_size: int):
+    """BatchNorm re-estimation: moving averages replaced by plain means at fixed weights.
+
+    Low-bit weights flip between levels from step to step, so a moving average of batch
+    statistics mixes many slightly different networks and can mismatch the final one (Nagel et
+    al., "Overcoming Oscillations in Quantization-Aware Training", 2022). Every floating-point
+    leaf of the model's other collections that the model updates as an exponential moving
+    average (``new = m * old + (1 - m) * value``, as ``nn.BatchNorm`` and ``nnx.BatchNorm``
+    do) becomes the mean of its batch values over the given batches, computed in training
+    mode at the given weights; ``m`` is read from the model itself (one batch from all zeros and
+    from all ones). Other leaves (RNG counters, anything not such an average) are kept. The
+    parameters, and so training, are not changed.
+
+    Args:
+      model: the model given to :func:`qsparse.wrap.make_plan`.
+      plan: its plan.
+      batch_size: examples per batch (the training batch: the statistics are per batch).
+
+    Returns:
+      ``recalibrate(params, spec, model_state, images_u8, key, num_batches) -> model_state``:
+      ``num_batches`` batches drawn without replacement from ``images_u8`` by ``key``.
+    """
+
+    @jax.jit
+    def values(params, spec, base, images, idx):
+        _, new = plan.apply(
+            model,
+            params[PARAMS],
+            params[QUANT],
+            spec["layers"],
+            data.normalize(images[idx]),
+            state=base,
+            train=True,
+            rng=jax.random.key(0),
+        )
+        return new
+
+    def averaged(leaf):
+        return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
+
+    def recalibrate(params, spec, model_state, images, key, num_batches: int):
+        if not model_state or num_batches < 1:
+            return model_state
+        n = images.shape[0]
+        if num_batches * batch_size > n:
+            raise ValueError(
+                f"num_batches={num_batches} is not allowed: {num_batches} batches of"
+                f" {batch_size} need more than the {n} images given"
+            )
+        idx = jax.random.permutation(key, n)[: num_batches * batch_size]
+        idx = idx.reshape(num_batches, batch_size)
+        fill = lambda v: jax.tree.map(  # noqa: E731
+            lambda x: jnp.full_like(x, v) if averaged(x) else x, model_state
+        )
+        zeros = fill(0.0)
+        # From all zeros the update is (1 - m) * value; from all ones it adds m.
+        m = jax.tree.map(
+            lambda a, b: a - b,
+            values(params, spec, fill(1.0), images, idx[0]),
+            values(params, spec, zeros, images, idx[0]),
+        )
+        ema = jax.tree.map(
+            lambda x, mm: averaged(x) and bool(jnp.all((mm > -1e-6) & (mm < 1 - 1e-6))),
+            model_state,
+            m,
+        )
+        total = jax.tree.map(jnp.zeros_like, model_state)
+        for k in range(num_batches):
+            got = values(params, spec, zeros, images, idx[k])
+            total = jax.tree.map(
+                lambda t, g, mm, e: t + g / (1 - mm) if e else t, total, got, m, ema
+            )
+        return jax.tree.map(
+            lambda x, t, e: (t / num_batches).astype(x.dtype) if e else x, model_state, total, ema
+        )
+
+    return recalibrate
+
+
 def masks_of(state: TrainState):
     """The current block masks at the parameters' shapes, or None for a dense run.
 

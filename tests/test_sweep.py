@@ -482,6 +482,7 @@ def test_sharded_equals_unsharded_and_divergence_is_contained(mapped, tmp_path):
         ({"sweep.chunk_size": 0}, "sweep.chunk_size"),
         ({"sweep.seeds": [-1]}, "sweep.seeds"),
         ({"sweep.vectorize": "pmap"}, "sweep.vectorize"),
+        ({"recalibrate_batches": 5}, "recalibrate_batches=5 is not allowed: use 0 in a sweep"),
         ({"sweep.models": [{"name": "x", "hidden": [64], "widths": [3]}]}, "sweep.models[0]"),
         ({"sweep.models": [{"name": "x", "hidden": [0]}]}, "sweep.models[0].hidden"),
         ({"sweep.models": [{"name": "x", "hidden": [64], "w_bits": [5, 64]}]}, "w_bits"),

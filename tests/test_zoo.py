@@ -226,3 +226,47 @@ def test_export_load_and_inference_give_the_trained_predictions(tmp_path, name):
     assert jax.tree.structure(r.params) == jax.tree.structure(state.params["params"])
     got = plan.apply(model, r.params, r.qparams, r.spec, x, state=r.model_state, quantized=True)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("name", ["linen_resnet", "nnx_resnet"])
+def test_recalibrated_statistics_are_means_of_batch_statistics(name):
+    """BatchNorm re-estimation at 2-bit weights: each moving average becomes the plain mean of
+    its per-batch values (read off the model's own update, momentum 0.9 in tests/zoo.py)."""
+    factory, kwargs, batch = CASES[name]
+    model = factory()
+    images = (255 * batch(24, seed=3)).astype(jnp.uint8)
+    x = images[:1].astype(jnp.float32) / 255
+    plan = wrap.make_plan(model, _rules(name), x, **kwargs)
+    sched = training.Schedule(total_steps=4, prune_begin=4, prune_end=4)
+    spec = training.make_spec(plan.init_spec(), learning_rate=1e-2)
+    state = training.init_state(model, plan, sched, spec, jax.random.key(0), x)
+    step = jax.jit(training.make_train_step(model, plan, sched))
+    for _ in range(3):
+        state, _ = step(state, (images[:8].astype(jnp.float32) / 255, jnp.arange(8) % 10), spec)
+    key = jax.random.key(4)
+    got = training.make_recalibrate(model, plan, 8)(
+        state.params, spec, state.model_state, images, key, 3
+    )
+    idx = np.asarray(jax.random.permutation(key, 24)).reshape(3, 8)
+    old = state.model_state
+    values = []
+    for rows in idx:
+        _, new = plan.apply(
+            model,
+            state.params[training.PARAMS],
+            state.params[training.QUANT],
+            spec["layers"],
+            images[rows].astype(jnp.float32) / 255,
+            state=old,
+            train=True,
+            rng=jax.random.key(0),
+        )
+        values.append(jax.tree.map(lambda n, o: (n - 0.9 * o) / 0.1, new, old))
+    want = jax.tree.map(lambda *v: sum(v) / 3, *values)
+    for g, w, o in zip(*(jax.tree.leaves(t) for t in (got, want, old)), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+        assert not np.allclose(g, o)  # the moving averages were replaced
+    with pytest.raises(ValueError, match="num_batches=4 is not allowed"):
+        training.make_recalibrate(model, plan, 8)(
+            state.params, spec, state.model_state, images, key, 4
+        )
