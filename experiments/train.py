@@ -147,6 +147,7 @@ def _recalibrator(run, spec, dev, state):
     import jax
 
     from experiments import common
+    from qsparse import data as qdata
     from qsparse import training
 
     config = run.config
@@ -157,14 +158,15 @@ def _recalibrator(run, spec, dev, state):
             f"recalibrate_batches={config.recalibrate_batches} is not allowed: model"
             f" {config.model.name!r} has no batch statistics (use 0)"
         )
-    fn = training.make_recalibrate(run.model, run.plan, config.batch_size)
+    fn = training.make_recalibrate(run.model, run.plan)
+    size, n = config.batch_size, config.recalibrate_batches
 
     def recalibrate(state, epoch):
+        # A fixed draw of training batches per epoch (the training order's key, folded).
         key = jax.random.fold_in(common.epoch_key(config.seed, epoch), 1)
-        ms = fn(
-            state.params, spec, state.model_state, dev["train_x"], key, config.recalibrate_batches
-        )
-        return state._replace(model_state=ms)
+        idx = jax.random.permutation(key, dev["train_x"].shape[0])[: n * size].reshape(n, size)
+        batches = [qdata.normalize(dev["train_x"][i]) for i in idx]
+        return state._replace(model_state=fn(state.params, spec, state.model_state, batches))
 
     return recalibrate
 

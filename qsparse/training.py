@@ -714,7 +714,7 @@ def make_eval(model, plan: Plan, batch_size: int = 1000):
     return evaluate
 
 
-def make_recalibrate(model, plan: Plan, batch_size: int):
+def make_recalibrate(model, plan: Plan):
     """BatchNorm re-estimation: moving averages replaced by plain means at fixed weights.
 
     Low-bit weights flip between levels from step to step, so a moving average of batch
@@ -730,21 +730,21 @@ def make_recalibrate(model, plan: Plan, batch_size: int):
     Args:
       model: the model given to :func:`qsparse.wrap.make_plan`.
       plan: its plan.
-      batch_size: examples per batch (the training batch: the statistics are per batch).
 
     Returns:
-      ``recalibrate(params, spec, model_state, images_u8, key, num_batches) -> model_state``:
-      ``num_batches`` batches drawn without replacement from ``images_u8`` by ``key``.
+      ``recalibrate(params, spec, model_state, batches) -> model_state``: ``batches`` a
+      non-empty sequence of input batches as the model takes them (training-sized: the
+      statistics are per batch).
     """
 
     @jax.jit
-    def values(params, spec, base, images, idx):
+    def values(params, spec, base, x):
         _, new = plan.apply(
             model,
             params[PARAMS],
             params[QUANT],
             spec["layers"],
-            data.normalize(images[idx]),
+            x,
             state=base,
             train=True,
             rng=jax.random.key(0),
@@ -754,26 +754,21 @@ def make_recalibrate(model, plan: Plan, batch_size: int):
     def averaged(leaf):
         return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
 
-    def recalibrate(params, spec, model_state, images, key, num_batches: int):
-        if not model_state or num_batches < 1:
+    def recalibrate(params, spec, model_state, batches):
+        if not model_state:
             return model_state
-        n = images.shape[0]
-        if num_batches * batch_size > n:
-            raise ValueError(
-                f"num_batches={num_batches} is not allowed: {num_batches} batches of"
-                f" {batch_size} need more than the {n} images given"
-            )
-        idx = jax.random.permutation(key, n)[: num_batches * batch_size]
-        idx = idx.reshape(num_batches, batch_size)
-        fill = lambda v: jax.tree.map(  # noqa: E731
-            lambda x: jnp.full_like(x, v) if averaged(x) else x, model_state
-        )
+        if not len(batches):
+            raise ValueError("batches is empty: give at least one input batch")
+
+        def fill(v):
+            return jax.tree.map(lambda x: jnp.full_like(x, v) if averaged(x) else x, model_state)
+
         zeros = fill(0.0)
         # From all zeros the update is (1 - m) * value; from all ones it adds m.
         m = jax.tree.map(
             lambda a, b: a - b,
-            values(params, spec, fill(1.0), images, idx[0]),
-            values(params, spec, zeros, images, idx[0]),
+            values(params, spec, fill(1.0), batches[0]),
+            values(params, spec, zeros, batches[0]),
         )
         ema = jax.tree.map(
             lambda x, mm: averaged(x) and bool(jnp.all((mm > -1e-6) & (mm < 1 - 1e-6))),
@@ -781,13 +776,16 @@ def make_recalibrate(model, plan: Plan, batch_size: int):
             m,
         )
         total = jax.tree.map(jnp.zeros_like, model_state)
-        for k in range(num_batches):
-            got = values(params, spec, zeros, images, idx[k])
+        for x in batches:
+            got = values(params, spec, zeros, x)
             total = jax.tree.map(
                 lambda t, g, mm, e: t + g / (1 - mm) if e else t, total, got, m, ema
             )
         return jax.tree.map(
-            lambda x, t, e: (t / num_batches).astype(x.dtype) if e else x, model_state, total, ema
+            lambda x, t, e: (t / len(batches)).astype(x.dtype) if e else x,
+            model_state,
+            total,
+            ema,
         )
 
     return recalibrate

@@ -244,19 +244,18 @@ def test_recalibrated_statistics_are_means_of_batch_statistics(name):
     for _ in range(3):
         state, _ = step(state, (images[:8].astype(jnp.float32) / 255, jnp.arange(8) % 10), spec)
     key = jax.random.key(4)
-    got = training.make_recalibrate(model, plan, 8)(
-        state.params, spec, state.model_state, images, key, 3
-    )
     idx = np.asarray(jax.random.permutation(key, 24)).reshape(3, 8)
+    batches = [images[rows].astype(jnp.float32) / 255 for rows in idx]
+    got = training.make_recalibrate(model, plan)(state.params, spec, state.model_state, batches)
     old = state.model_state
     values = []
-    for rows in idx:
+    for x in batches:
         _, new = plan.apply(
             model,
             state.params[training.PARAMS],
             state.params[training.QUANT],
             spec["layers"],
-            images[rows].astype(jnp.float32) / 255,
+            x,
             state=old,
             train=True,
             rng=jax.random.key(0),
@@ -266,7 +265,5 @@ def test_recalibrated_statistics_are_means_of_batch_statistics(name):
     for g, w, o in zip(*(jax.tree.leaves(t) for t in (got, want, old)), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
         assert not np.allclose(g, o)  # the moving averages were replaced
-    with pytest.raises(ValueError, match="num_batches=4 is not allowed"):
-        training.make_recalibrate(model, plan, 8)(
-            state.params, spec, state.model_state, images, key, 4
-        )
+    with pytest.raises(ValueError, match="batches is empty"):
+        training.make_recalibrate(model, plan)(state.params, spec, state.model_state, [])
