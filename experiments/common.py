@@ -215,13 +215,9 @@ def _validate_schedule(config, num_train: int | None) -> None:
     check_setting_value("learning_rate", "learning_rate", config.learning_rate)
     _check(config.warmup_epochs >= 0, "warmup_epochs", config.warmup_epochs, "use >= 0")
     _check(config.weight_decay >= 0, "weight_decay", config.weight_decay, "use >= 0")
-    _check(
-        isinstance(config.get("recalibrate_batches", 0), int)
-        and config.get("recalibrate_batches", 0) >= 0,
-        "recalibrate_batches",
-        config.get("recalibrate_batches", 0),
-        "use a whole number >= 0 (0 = off)",
-    )
+    recal = config.get("recalibrate_batches", 0)
+    ok = isinstance(recal, int) and not isinstance(recal, bool) and recal >= 0
+    _check(ok, "recalibrate_batches", recal, "use a whole number >= 0 (0 = off)")
     _check(0 <= config.distill.weight <= 1, "distill.weight", config.distill.weight, "use 0..1")
     _check(
         config.checkpoint_every_epochs >= 1,
