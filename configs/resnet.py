@@ -5,7 +5,9 @@ CIFAR-style ResNet-8 (3x3 stem, three stages of one basic block at widths 16/32/
 learned per-output-channel weight steps (LSQ) and clips (PACT). Conv kernels are blocked on their
 (kh*kw*cin, cout) view: the stem (3,3,1,16) is 9x16, blocks (1, 8); every other conv (144,
 288 or 576 rows; the 1x1 projections 16x32 and 32x64) takes (8, 8), the Dense head 64x10
-(8, 2). BatchNorm scales, offsets and batch statistics stay float32 and are counted as such.
+(8, 2). BatchNorm scales, offsets and batch statistics stay float32 and are counted as such;
+``--config.recalibrate_batches=50`` recomputes the statistics at each epoch's weights (2-bit
+weights flip between levels, so the moving averages lag them).
 
 Run:
   python -m experiments.train --config=configs/resnet.py --workdir=runs/resnet
