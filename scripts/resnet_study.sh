@@ -134,26 +134,26 @@ for name, label in rows:
 from experiments.report import _by_seed, _stats
 
 fps = _by_seed(out, "fp32")
-gaps = {}
-for label, stem in (
-    ("2/2/4X, column-balanced blocks, weight decay 0.3", "w2a2_4x_ste_midrise_columns_wd03"),
-    ("the same, batch statistics re-estimated", "w2a2_4x_recal"),
-):
-    rs = _by_seed(out, stem)
-    both = sorted(set(fps) & set(rs))
-    if label == "2/2/4X, column-balanced blocks, weight decay 0.3":
-        print(f"\nOver seeds {', '.join(map(str, both))} (gaps paired by seed):\n")
-        print("| run | " + " | ".join(f"seed {s}" for s in both) + " | mean ± std |")
-        print("|---|" + "---|" * (len(both) + 1))
-        accs = [100 * fps[s]["test_accuracy"] for s in both]
-        print("| FP32 dense | " + " | ".join(f"{a:.2f}%" for a in accs)
-              + " | %.2f%% ± %.2f |" % _stats(accs)[:2])
-    gaps[label] = [100 * (fps[s]["test_accuracy"] - rs[s]["test_accuracy"]) for s in both]
-    accs = [100 * rs[s]["test_accuracy"] for s in both]
-    print(f"| {label} | " + " | ".join(f"{a:.2f}%" for a in accs)
-          + " | %.2f%% ± %.2f |" % _stats(accs)[:2])
-    print("| gap (points below FP32) | " + " | ".join(f"{g:.2f}" for g in gaps[label])
-          + " | %.2f ± %.2f |" % _stats(gaps[label])[:2])
+recipes = (
+    ("2/2/4X, column-balanced blocks, weight decay 0.3", _by_seed(out, "w2a2_4x_ste_midrise_columns_wd03")),
+    ("the same, batch statistics re-estimated", _by_seed(out, "w2a2_4x_recal")),
+)
+both = sorted(set(fps).intersection(*(rs for _, rs in recipes)))
+
+
+def row(label, values, fmt):
+    print(f"| {label} | " + " | ".join(fmt % v for v in values) + f" | {fmt} ± %.2f |"
+          % _stats(values)[:2])
+
+
+print(f"\nOver seeds {', '.join(map(str, both))} (gaps paired by seed):\n")
+print("| run | " + " | ".join(f"seed {s}" for s in both) + " | mean ± std |")
+print("|---|" + "---|" * (len(both) + 1))
+row("FP32 dense", [100 * fps[s]["test_accuracy"] for s in both], "%.2f%%")
+for label, rs in recipes:
+    gaps = [100 * (fps[s]["test_accuracy"] - rs[s]["test_accuracy"]) for s in both]
+    row(label, [100 * rs[s]["test_accuracy"] for s in both], "%.2f%%")
+    row("gap (points below FP32)", gaps, "%.2f")
 # Runs that recorded both evaluations of their final weights: the gain of re-estimation alone.
 both_ways = [
     f"{f.stem} {100 * r['test_accuracy_moving_averages']:.2f}% -> {100 * r['test_accuracy']:.2f}%"
@@ -164,9 +164,9 @@ if both_ways:
     print("\nThe same final weights with the moving averages -> re-estimated: "
           + "; ".join(both_ways) + ".")
 w4 = 100 * (fp - runs["w4a4_2x"]["test_accuracy"])
-g, sd, se = _stats(gaps[label])
+g, sd, se = _stats(gaps)  # the last recipe's
 print(f"\nTargets: 4/4/2X within 1.5 points of FP32: {w4:.2f} (seed 0), "
       f"{'met' if w4 <= 1.5 else 'missed'}; 2/2/4X within 4 points: {g:.2f} ± {sd:.2f} "
-      f"(mean ± std over {len(gaps[label])} seeds, standard error {se:.2f}), "
+      f"(mean ± std over {len(gaps)} seeds, standard error {se:.2f}), "
       f"{'met' if g <= 4 else 'missed'}.")
 PYEOF
