@@ -38,6 +38,9 @@ def get_base() -> ml_collections.ConfigDict:
     # weight gradient outside the quantizer's range: clipped (zero, LSQ) | identity (passed on,
     # so weights beyond the range are not frozen)
     c.quant.weight_grad = "clipped"
+    # Weight of the oscillation-dampening loss (Nagel et al. 2022): the mean squared distance,
+    # in steps, of the latent weights to their levels (0 = off); see Plan.level_penalty.
+    c.quant.dampen = 0.0
     c.quant.act_clip = 2.0  # initial activation clip
     c.quant.learn_clip = True  # PACT: train the clip
     # Forward matmuls of Dense layers fed by a quantized Dense layer on the integer codes

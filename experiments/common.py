@@ -127,6 +127,7 @@ def _validate_quant(q) -> None:
         f"use one of {quant.SCALE_MODES}",
     )
     _check(q.act_clip > 0, "quant.act_clip", q.act_clip, "use a value > 0")
+    _check(q.get("dampen", 0.0) >= 0, "quant.dampen", q.get("dampen", 0.0), "use >= 0 (0 = off)")
     _check(
         q.get("weight_grad", "clipped") in quant.WEIGHT_GRADS,
         "quant.weight_grad",
@@ -609,6 +610,7 @@ def build_run(config, dataset: qdata.Dataset | None = None) -> Run:
         weight_decay=config.weight_decay,
         distill_weight=config.distill.weight,
         distill_temperature=config.distill.temperature,
+        dampen=config.quant.get("dampen", 0.0),
     )
     return Run(config, ds, model, plan, names, sched, spe)
 

@@ -278,6 +278,32 @@ def check_weight_grad(weight_grad, name: str = "weight_grad") -> None:
         )
 
 
+def level_distance(w, bits, step, zero_level: bool = True):
+    """Squared distances, in steps, of the live weights to their levels (oscillation dampening).
+
+    Nagel et al. (2022, "Overcoming oscillations in quantization-aware training"): a penalty on
+    ``(code(w / s) - clip(w / s))**2`` with the code and the step held constant pulls each
+    latent weight towards the level it is quantized to, so weights stop flipping between two
+    levels from step to step. Pruned (exactly zero) weights and full-precision layers add 0.
+
+    Args:
+      w: weight array.
+      bits: bit width (value).
+      step: the quantization step, shape ``()`` or ``(w.shape[-1],)``.
+      zero_level: the level set, as in :func:`quantize_weight`.
+
+    Returns:
+      ``(sum, count)``: the summed squared distances and the number of live weights.
+    """
+    bits = jnp.asarray(bits, jnp.float32)
+    x = w / jax.lax.stop_gradient(step)
+    lim = jnp.where(bits <= 1, 1.0, weight_levels(bits, zero_level))
+    code = jax.lax.stop_gradient(_codes(x, bits, zero_level))
+    live = (w != 0) & (bits < FULL_PRECISION)
+    d = jnp.where(live, jnp.square(code - jnp.clip(x, -lim, lim)), 0.0)
+    return jnp.sum(d), jnp.sum(live.astype(w.dtype))
+
+
 def _level(x, zero_level: bool):
     """The nearest level to ``x`` (already in range): an integer, or mid-rise a half-integer."""
     return jnp.round(x) if zero_level else jnp.round(x - 0.5) + 0.5

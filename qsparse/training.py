@@ -42,6 +42,8 @@ class Schedule:
       weight_decay: decoupled weight decay (AdamW) on kernels.
       distill_weight: weight of the distillation loss when teacher logits are given.
       distill_temperature: softmax temperature for distillation.
+      dampen: weight of the oscillation-dampening term added to the loss
+        (:meth:`qsparse.wrap.Plan.level_penalty`; 0 = off).
     """
 
     total_steps: int
@@ -54,6 +56,7 @@ class Schedule:
     weight_decay: float = 0.0
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    dampen: float = 0.0
 
     def __post_init__(self):
         if self.total_steps < 1:
@@ -323,6 +326,10 @@ def make_train_step(model, plan: Plan, sched: Schedule, *, guard: bool = True):
             t = sched.distill_temperature
             kd = optax.softmax_cross_entropy(logits / t, jax.nn.softmax(teacher / t)).mean()
             loss = (1 - sched.distill_weight) * ce + sched.distill_weight * (t * t) * kd
+        if sched.dampen:
+            loss = loss + sched.dampen * plan.level_penalty(
+                params[PARAMS], params[QUANT], spec["layers"]
+            )
         acc = jnp.mean(jnp.argmax(logits, -1) == y)
         return loss, (acc, model_state)
 

@@ -554,6 +554,39 @@ class Plan:
             out = set_path(out, lp.path, w)
         return out
 
+    def level_penalty(self, params, qparams, spec):
+        """Mean squared distance, in steps, of the covered weights to their levels.
+
+        The oscillation-dampening term (:func:`qsparse.quant.level_distance`): each layer's
+        mean over its live weights, averaged over the layers; full-precision layers add 0.
+
+        Args:
+          params: the model's ``params`` collection.
+          qparams: from :meth:`init_qparams`.
+          spec: the spec.
+
+        Returns:
+          A scalar.
+        """
+        terms = []
+        for name, lp in self.layers.items():
+            r = lp.rule
+            w = get_path(params, lp.path)
+            bits = spec[name]["w_bits"]
+            if r.scale_mode == "learned":
+                step = jnp.maximum(jnp.abs(qparams[name]["w_step"]), 1e-8)
+            else:
+                step = quant.weight_step(
+                    w,
+                    bits,
+                    per_channel=r.per_channel,
+                    scale_mode=r.scale_mode,
+                    zero_level=r.zero_level,
+                )
+            total, count = quant.level_distance(w, bits, step, r.zero_level)
+            terms.append(total / jnp.maximum(count, 1.0))
+        return sum(terms) / len(terms)
+
     def bias_path(self, lp: LayerPlan) -> tuple | None:
         """The path of the ``bias`` beside a covered weight, or None when there is none.
 

@@ -100,3 +100,13 @@ def test_bias_bits_outside_8_and_32_is_one_line(value):
         f"quant.bias_bits={value!r} is not allowed: use one of (8, 32) (8: int8 codes and a"
         " float32 scale per layer)"
     )
+
+
+def test_negative_dampening_is_one_line():
+    from configs import resnet
+
+    c = resnet.get_config()
+    c.quant.dampen = -0.5
+    with pytest.raises(common.ConfigError) as got:
+        common.validate(c)
+    assert str(got.value) == "quant.dampen=-0.5 is not allowed: use >= 0 (0 = off)"

@@ -328,3 +328,22 @@ def test_quantize_bias_is_int8_codes_times_one_scale_with_a_straight_through_gra
     assert quant.quantize_bias(b, 32) is b
     zeros = jnp.zeros(4)
     np.testing.assert_array_equal(np.asarray(quant.quantize_bias(zeros, 8)), np.zeros(4))
+
+
+@pytest.mark.parametrize("zero_level", [True, False])
+def test_level_distance_pulls_each_live_weight_to_its_level(zero_level):
+    """Distances in steps to the nearest level (range-clipped); gradient 2 (x - code) / s."""
+    s = 0.5
+    level = 1.0 if zero_level else 0.5  # a level of each set: integers, or half-integers
+    lim = 1.0 if zero_level else 1.5  # the outermost level at 2 bits
+    x = np.array([level, level + 0.25, level - 0.4, 7.0, -7.0, 0.0], np.float32)
+    codes = np.array([level, level, level, lim, -lim, 0.0])
+    w = jnp.asarray(x * s)  # the last weight is pruned (exactly 0): it adds nothing
+    total, count = quant.level_distance(w, 2, jnp.float32(s), zero_level)
+    clipped = np.clip(x, -lim, lim)
+    np.testing.assert_allclose(float(total), np.square(codes - clipped)[:-1].sum(), rtol=1e-6)
+    assert int(count) == 5
+    g = jax.grad(lambda w: quant.level_distance(w, 2, jnp.float32(s), zero_level)[0])(w)
+    want = np.where(np.abs(x) <= lim, 2 * (clipped - codes) / s, 0.0)
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-6, atol=1e-7)
+    assert float(quant.level_distance(w, 32, jnp.float32(s), zero_level)[1]) == 0  # FP32: none
