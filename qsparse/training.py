@@ -282,8 +282,21 @@ def logits_fn(model, plan: Plan, params, spec, x, model_state=None):
     Returns:
       The model's output (``(batch, classes)`` logits).
     """
+    return _apply(model, plan, params, spec, x, model_state or None)
+
+
+def _apply(model, plan: Plan, params, spec, x, model_state, *, train=False, rng=None):
+    """``plan.apply`` on a ``{"params", "quant"}`` tree and a spec (train mode: with the
+    updated model state)."""
     return plan.apply(
-        model, params[PARAMS], params[QUANT], spec["layers"], x, state=model_state or None
+        model,
+        params[PARAMS],
+        params[QUANT],
+        spec["layers"],
+        x,
+        state=model_state,
+        train=train,
+        rng=rng,
     )
 
 
@@ -310,16 +323,7 @@ def make_train_step(model, plan: Plan, sched: Schedule, *, guard: bool = True):
     """
 
     def loss_fn(params, spec, x, y, teacher, model_state, rng):
-        logits, model_state = plan.apply(
-            model,
-            params[PARAMS],
-            params[QUANT],
-            spec["layers"],
-            x,
-            state=model_state,
-            train=True,
-            rng=rng,
-        )
+        logits, model_state = _apply(model, plan, params, spec, x, model_state, train=True, rng=rng)
         ce = _cross_entropy(logits, y).mean()
         loss = ce
         if teacher is not None and sched.distill_weight:
@@ -746,17 +750,7 @@ def make_recalibrate(model, plan: Plan):
 
     @jax.jit
     def values(params, spec, base, x):
-        _, new = plan.apply(
-            model,
-            params[PARAMS],
-            params[QUANT],
-            spec["layers"],
-            x,
-            state=base,
-            train=True,
-            rng=jax.random.key(0),
-        )
-        return new
+        return _apply(model, plan, params, spec, x, base, train=True, rng=jax.random.key(0))[1]
 
     def averaged(leaf):
         return jnp.issubdtype(jnp.result_type(leaf), jnp.floating)
