@@ -2,7 +2,7 @@
 # THE test command: sets up what is missing (virtual environment, package), then runs the linter,
 # the formatter check and the whole pytest suite, one test file per worker process (one per core,
 # at most 4: compilation is single-threaded, so two workers nearly halve the time on 2 cores).
-# Extra arguments go to pytest (`-n 0` runs in one process).
+# Extra arguments go to pytest (`-n 0` runs in one process); the 15 slowest tests are listed.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,4 +13,4 @@ VENV="${QSPARSE_VENV:-$ROOT/.venv}"
 export JAX_PLATFORMS=cpu
 WORKERS=$(nproc 2>/dev/null || echo 2)
 [ "$WORKERS" -gt 4 ] && WORKERS=4
-"$VENV/bin/python" -m pytest tests -n "$WORKERS" --dist loadfile "$@"
+"$VENV/bin/python" -m pytest tests -n "$WORKERS" --dist loadfile --durations=15 "$@"
