@@ -5,12 +5,13 @@
 # passed outside the quantizer's range (quant.weight_grad=identity), then also with four 2-bit
 # weight levels instead of three (quant.zero_level=False: the mid-rise set); then one lever at a
 # time on those; the best recipe and FP32 over seeds 0-2; the best recipe with the batch
-# statistics re-estimated after each epoch (recalibrate_batches). Writes
+# statistics re-estimated after each epoch (recalibrate_batches), and that with weight decay 0.6
+# (seeds 0-2) and 1.0 (seed 2). Writes
 # experiments/results/resnet/*.json and table.md (the README shows its first rows). Each run
 # resumes where it stopped.
 #
 #   bash scripts/resnet_study.sh [EPOCHS]    # default 12 (the config's): 15-25 minutes a run
-#                                            # on 2 CPU cores, 22 runs
+#                                            # on 2 CPU cores, 26 runs
 #   bash scripts/resnet_study.sh table       # only table.md, from the committed results
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -74,7 +75,8 @@ run w2a2_4x_ste_midrise_columns "$EPOCHS" "${MIDRISE[@]}" --config.sparsity.bala
 run w2a2_4x_ste_midrise_wd "$EPOCHS" "${MIDRISE[@]}" --config.weight_decay=0.1
 run w2a2_4x_ste_midrise_columns_wd "$EPOCHS" "${MIDRISE[@]}" --config.sparsity.balanced=columns \
   --config.weight_decay=0.1
-BEST=("${MIDRISE[@]}" --config.sparsity.balanced=columns --config.weight_decay=0.3)
+COLUMNS=("${MIDRISE[@]}" --config.sparsity.balanced=columns)
+BEST=("${COLUMNS[@]}" --config.weight_decay=0.3)
 run w2a2_4x_ste_midrise_columns_wd03 "$EPOCHS" "${BEST[@]}"
 END=$HALF run w2a2_4x_ste_midrise_ft6 "$EPOCHS" "${MIDRISE[@]}"
 run fp32_half "$HALF" "${FP32[@]}"
@@ -94,6 +96,14 @@ for seed in 0 1 2; do
   sfx=$([ "$seed" = 0 ] || echo "_seed$seed")
   run "w2a2_4x_recal$sfx" "$EPOCHS" "${BEST[@]}" "${RECAL[@]}" --config.seed=$seed
 done
+# Weight decay 0.6 and 1.0 on that recipe at seed 2 (its worst), then 0.6 over seeds 0-2.
+run w2a2_4x_recal_wd10_seed2 "$EPOCHS" "${COLUMNS[@]}" "${RECAL[@]}" --config.weight_decay=1.0 \
+  --config.seed=2
+for seed in 2 0 1; do
+  sfx=$([ "$seed" = 0 ] || echo "_seed$seed")
+  run "w2a2_4x_recal_wd06$sfx" "$EPOCHS" "${COLUMNS[@]}" "${RECAL[@]}" \
+    --config.weight_decay=0.6 --config.seed=$seed
+done
 fi
 
 "$PY" - "$OUT" "$EPOCHS" <<'PYEOF' | tee "$OUT/table.md"
@@ -112,6 +122,7 @@ rows = (
     ("w2a2_4x_ste_midrise_columns_wd03", "lever: column-balanced blocks, weight decay 0.3"),
     ("w2a2_4x_recal", "the same, batch statistics re-estimated after each epoch "
      "(`recalibrate_batches=50`)"),
+    ("w2a2_4x_recal_wd06", "the same, weight decay 0.6"),
     ("fp32_recal", "FP32 dense, batch statistics re-estimated after each epoch"),
     ("w2a2_4x_ste_midrise_ft6", f"lever: pruning ends at epoch {half}, not {epochs * 2 // 3}"),
     ("w2a2_4x_ste_distill", f"2/2/4X, identity gradient, distilled from FP32 (weight 0.7, T=4; "
@@ -137,6 +148,7 @@ fps = _by_seed(out, "fp32")
 recipes = (
     ("2/2/4X, column-balanced blocks, weight decay 0.3", _by_seed(out, "w2a2_4x_ste_midrise_columns_wd03")),
     ("the same, batch statistics re-estimated", _by_seed(out, "w2a2_4x_recal")),
+    ("the same, weight decay 0.6", _by_seed(out, "w2a2_4x_recal_wd06")),
 )
 both = sorted(set(fps).intersection(*(rs for _, rs in recipes)))
 
@@ -163,6 +175,11 @@ both_ways = [
 if both_ways:
     print("\nThe same final weights with the moving averages -> re-estimated: "
           + "; ".join(both_ways) + ".")
+decays = [(wd, out / f"w2a2_4x_recal{sfx}_seed2.json") for wd, sfx in ((0.3, ""), (0.6, "_wd06"),
+                                                                         (1.0, "_wd10"))]
+print("\nWeight decay on the re-estimated recipe, seed 2: " + ", ".join(
+    f"{wd} {100 * json.loads(f.read_text())['test_accuracy']:.2f}%" for wd, f in decays
+    if f.exists()) + ".")
 w4 = 100 * (fp - runs["w4a4_2x"]["test_accuracy"])
 g, sd, se = _stats(gaps)  # the last recipe's
 print(f"\nTargets: 4/4/2X within 1.5 points of FP32: {w4:.2f} (seed 0), "

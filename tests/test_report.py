@@ -196,6 +196,11 @@ def test_resnet_rows_say_what_the_cnn_reached(tmp_path):
     assert len(rows) == 2 and "from scratch" in rows[0]
     assert "batch statistics re-estimated | 91.75% ± 0.35, 0.75 points ± 0.35 below" in rows[1]
     assert "(92.50% ± 0.71; seeds 0-1), **52.0X**" in rows[1]
+    # Then weight decay 0.6 on it replaces that.
+    _anchor(res / "w2a2_4x_recal_wd06_seed2.json", 0.905, compression=52.0)
+    rows = [line for line in report.build(tmp_path)[0].splitlines() if "ResNet-8" in line]
+    assert len(rows) == 2 and "weight decay 0.6, batch statistics re-estimated | 90.50%" in rows[1]
+    assert "0.50 points below FP32 (91.00%; seed 2)" in rows[1]
 
 
 def test_the_readme_points_to_the_levers_instead_of_listing_them(tmp_path):

@@ -201,11 +201,11 @@ def test_cifar10_config_runs_end_to_end_on_a_synthetic_stand_in(tmp_path):
 
     c = cifar10_vgg.get_config()
     c.dataset = "synthetic_cifar10"
-    c.num_epochs = 4
+    c.num_epochs = 3
     c.sparsity.prune_begin_epoch = 1
-    c.sparsity.prune_end_epoch = 3
+    c.sparsity.prune_end_epoch = 2
     c.sparsity.prune_every_steps = 4
-    c.checkpoint_every_epochs = 4
+    c.checkpoint_every_epochs = 3
     r = train_and_evaluate(c, tmp_path)
     # The VGG on 32x32x3 inputs: 3x3x3 first conv, three 2x2 pools leave 4x4x128 for the Dense.
     model = common.build_model(c, 10)
