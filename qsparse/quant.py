@@ -250,15 +250,31 @@ def quantize_weight(
         raise ValueError(f"scale_mode={scale_mode!r} is not allowed: use one of {SCALE_MODES}")
     check_weight_grad(weight_grad)
     check_bits(bits)
-    if scale_mode == "learned":
-        if step is None:
-            raise ValueError("step=None is not allowed with scale_mode='learned': pass the step")
-        s = jnp.maximum(jnp.abs(step), 1e-8)
-    else:
-        s = weight_step(
-            w, bits, per_channel=per_channel, scale_mode=scale_mode, zero_level=zero_level
-        )
+    if scale_mode == "learned" and step is None:
+        raise ValueError("step=None is not allowed with scale_mode='learned': pass the step")
+    s = layer_step(
+        w, bits, step, per_channel=per_channel, scale_mode=scale_mode, zero_level=zero_level
+    )
     return _fake_quant(w, s, jnp.asarray(bits, jnp.float32), zero_level, weight_grad == "clipped")
+
+
+def layer_step(w, bits, step, *, per_channel: bool, scale_mode: str, zero_level: bool):
+    """The step a layer quantizes with: the learned ``step`` (kept positive), else from ``w``.
+
+    Args:
+      w: weight array.
+      bits: bit width (value).
+      step: the learned step (``scale_mode="learned"``), else unused.
+      per_channel, scale_mode, zero_level: as in :func:`quantize_weight`.
+
+    Returns:
+      The step.
+    """
+    if scale_mode == "learned":
+        return jnp.maximum(jnp.abs(step), 1e-8)
+    return weight_step(
+        w, bits, per_channel=per_channel, scale_mode=scale_mode, zero_level=zero_level
+    )
 
 
 def check_weight_grad(weight_grad, name: str = "weight_grad") -> None:

@@ -573,16 +573,14 @@ class Plan:
             r = lp.rule
             w = get_path(params, lp.path)
             bits = spec[name]["w_bits"]
-            if r.scale_mode == "learned":
-                step = jnp.maximum(jnp.abs(qparams[name]["w_step"]), 1e-8)
-            else:
-                step = quant.weight_step(
-                    w,
-                    bits,
-                    per_channel=r.per_channel,
-                    scale_mode=r.scale_mode,
-                    zero_level=r.zero_level,
-                )
+            step = quant.layer_step(
+                w,
+                bits,
+                qparams.get(name, {}).get("w_step"),
+                per_channel=r.per_channel,
+                scale_mode=r.scale_mode,
+                zero_level=r.zero_level,
+            )
             total, count = quant.level_distance(w, bits, step, r.zero_level)
             terms.append(total / jnp.maximum(count, 1.0))
         return sum(terms) / len(terms)
