@@ -81,7 +81,8 @@ class Rule:
       int_matmul: run the layer's forward matmul on the integer codes of its weight and its
         quantized input (:func:`qsparse.quant.int_matmul`: bfloat16 with float32 sums,
         exact). For ``x @ kernel`` layers (``nn.Dense``, ``nnx.Linear``) with a learned step;
-        ``w_bits`` and ``a_bits`` must stay at most 8 in every setting.
+        ``w_bits`` and ``a_bits`` must stay at most 8 in every setting. Faster only where
+        bfloat16 matmuls are native (GPUs, TPUs, AVX-512 BF16 CPUs); slower on AVX2 CPUs.
       bf16_grads: with ``int_matmul``, run the layer's two backward matmuls in bfloat16 too,
         on the integer codes and the output gradient rounded to bfloat16 (not exact).
       bias_bits: bits of the layer's biases (the ``bias`` beside its weight): 32 (float32) or

@@ -12,8 +12,9 @@ the default single JAX device, parts 3 and 5 in a child process with one device 
    784-1024-1024-1024-10, at batch 128 and 1024, in three phases of the schedule: proximal
    (before pruning), pruning (masks updated every ``prune_every`` steps; the update's cost is
    measured and amortized) and fine-tuning (masks frozen). The headline is the worst phase.
-   The same step with float32 backward matmuls (``bf16_grads=False``) is timed in the prox
-   phase for reference.
+   For reference, in the prox phase: the same step with float32 backward matmuls
+   (``bf16_grads=False``), and with float32 matmuls throughout (``int_matmul=False``): the
+   bfloat16 matmuls pay only on a CPU that multiplies bfloat16 natively (AVX-512 BF16, AMX).
 2. **Achieved training FLOP/s** ``6 * batch * parameters / step time`` as a fraction of the
    machine's matmul peak (a jitted 2048x2048 float32 matmul) timed in the same rounds,
    batch 1024, for both steps.
@@ -131,6 +132,12 @@ SWEEP_SETTINGS = (
 LEARNING_RATE = 1e-3
 STEP_RATIO_TARGET = 1.15  # joint step / plain step, on CPU (issue: benchmarks)
 PROX_STRENGTH = 1e-4
+# Reference forms of the joint step, timed in the prox phase beside the headline: name ->
+# joint_plan flags.
+REFERENCE_STEPS = {
+    "float32 grads": dict(bf16_grads=False),
+    "float32 matmuls": dict(int_matmul=False, bf16_grads=False),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,13 +380,16 @@ def plain_setup(hidden, sample_x):
     return plain_step(model, tx), (params, tx.init(params)), n_params
 
 
-def joint_plan(model: nn.Module, sample_x, *, bf16_grads: bool = True, **overrides):
+def joint_plan(
+    model: nn.Module, sample_x, *, int_matmul: bool = True, bf16_grads: bool = True, **overrides
+):
     """The joint setting on every layer: 2-bit weights and activations, 4X blocks (8,8) on
     hidden layers and (8,2) on the logits layer, learned weight steps and clips, and (as
-    ``configs/joint.py``) the forward matmuls after the first layer on integer codes, their
-    backward matmuls in bfloat16 (``bf16_grads``; False: float32 gradients)."""
+    ``configs/joint.py``) the forward matmuls after the first layer on integer codes
+    (``int_matmul``; False: float32 matmuls of the fake-quantized operands), their backward
+    matmuls in bfloat16 (``bf16_grads``; False: float32 gradients)."""
     common = dict(w_bits=2, a_bits=2, compression=4, scale_mode="learned", learn_clip=True)
-    codes = dict(int_matmul=True, bf16_grads=bf16_grads)
+    codes = dict(int_matmul=True, bf16_grads=bf16_grads) if int_matmul else {}
     last = f"Dense_{len(model.hidden)}"
     rules = [  # the first layer's input is the data (uint8 / 255), left as it is
         wrap.Rule(pattern="Dense_0", block_shape=(8, 8), **{**common, "a_bits": 32}),
@@ -507,14 +517,18 @@ def step_batch(batch: int, sz: Sizes, matmul_chain: int) -> dict:
     every = dataclasses.replace(timed, prune_every=1)
     e_run = scan_steps(training.make_train_step(model, plan, every), n)
     programs["prune, update every step"] = lambda: e_run(states["prune"], xy, spec)
-    # For reference, not a target: the same joint step with float32 backward matmuls in the
-    # integer-code layers (bf16_grads=False), in the prox phase.
-    f_plan, f_spec = joint_plan(model, xy[0], bf16_grads=False)
-    f_run = scan_steps(training.make_train_step(model, f_plan, timed), n)
-    f_state = phase_states(
-        training.init_state(model, f_plan, timed, f_spec, jax.random.key(0), xy[0]), sched
-    )["prox"]
-    programs["prox, float32 grads"] = lambda: f_run(f_state, xy, f_spec)
+    # For reference, not targets, in the prox phase: the same joint step with float32 backward
+    # matmuls in the integer-code layers, and with no integer-code matmuls at all (bfloat16
+    # matmuls pay only where the CPU multiplies bfloat16 natively).
+    for ref, flags in REFERENCE_STEPS.items():
+        f_plan, f_spec = joint_plan(model, xy[0], **flags)
+        f_run = scan_steps(training.make_train_step(model, f_plan, timed), n)
+        f_state = phase_states(
+            training.init_state(model, f_plan, timed, f_spec, jax.random.key(0), xy[0]), sched
+        )["prox"]
+        programs[f"prox, {ref}"] = lambda f_run=f_run, f_state=f_state, f_spec=f_spec: f_run(
+            f_state, xy, f_spec
+        )
     programs["stream"] = stream_program()
     if matmul_chain:
         programs["matmul"] = matmul_program(matmul_chain)
@@ -538,8 +552,13 @@ def step_batch(batch: int, sz: Sizes, matmul_chain: int) -> dict:
         "mask_update_ms": update_ms,
         "ratio": ratios,
         "ratio_best": best,
-        "ratio_f32_grads": paired_ratio(t["prox, float32 grads"], t["plain"]),
-        "ratio_f32_grads_best": best_ratio(t["prox, float32 grads"], t["plain"]),
+        "ratio_reference": {
+            ref: [
+                paired_ratio(t[f"prox, {ref}"], t["plain"]),
+                best_ratio(t[f"prox, {ref}"], t["plain"]),
+            ]
+            for ref in REFERENCE_STEPS
+        },
         "worst_phase": worst,
         "worst_ratio": ratios[worst],
         "params": n_params,
@@ -1397,14 +1416,15 @@ def report_steps(st: dict) -> list[dict]:
         f" prune_every={STEP_SCHEDULE.prune_every} steps (the update's cost in the step: a"
         " window updating on every step against one that does not)"
     )
-    print(
-        "   the joint step with float32 gradients in its integer-code layers"
-        " (bf16_grads=False), prox phase, for reference: "
-        + ", ".join(
-            f"batch {b} {e['ratio_f32_grads']:.2f} ({e['ratio_f32_grads_best']:.2f})"
-            for b, e in st["batches"].items()
+    for ref, flags in REFERENCE_STEPS.items():
+        print(
+            f"   the joint step with {ref} ({', '.join(f'{k}={v}' for k, v in flags.items())}),"
+            " prox phase, for reference: "
+            + ", ".join(
+                f"batch {b} {e['ratio_reference'][ref][0]:.2f} ({e['ratio_reference'][ref][1]:.2f})"
+                for b, e in st["batches"].items()
+            )
         )
-    )
     print("   XLA cost analysis of one step (load-independent):")
     for b, e in st["batches"].items():
         cp, cj = e["cost_plain"], e["cost_joint"]
