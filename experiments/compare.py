@@ -34,8 +34,12 @@ def design_diffs(a: Path, b: Path) -> list[dict]:
     """
     rows = []
     for part in SWEEPS:
-        da = {_key(d): d for d in report._designs(report._csv(a / part / "results.csv"))}
-        db = {_key(d): d for d in report._designs(report._csv(b / part / "results.csv"))}
+        da = {
+            report.design_key(d): d for d in report._designs(report._csv(a / part / "results.csv"))
+        }
+        db = {
+            report.design_key(d): d for d in report._designs(report._csv(b / part / "results.csv"))
+        }
         for k in sorted(set(da) & set(db), key=str):
             diff, se = report._paired(db[k], da[k])
             beyond = math.isfinite(se) and abs(diff) > 2 * se
@@ -44,10 +48,6 @@ def design_diffs(a: Path, b: Path) -> list[dict]:
                  "beyond": beyond}
             )  # fmt: skip
     return rows
-
-
-def _key(d: dict) -> tuple:
-    return tuple(d.get(k) for k in report._DESIGN)
 
 
 def _design_name(d: dict) -> str:

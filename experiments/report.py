@@ -100,6 +100,11 @@ def _pm(mean: float, sd: float, scale: float = 100.0, unit: str = "%") -> str:
 _DESIGN = ("model", "w_bits", "a_bits", "block_compression")
 
 
+def design_key(d: dict) -> tuple:
+    """What identifies a design across seeds (and across reruns): model, bits, blocks."""
+    return tuple(d.get(k) for k in _DESIGN)
+
+
 def _designs(runs: list[dict]) -> list[dict]:
     """One row per design (model, bits, block compression) of a sweep's runs: the first run's
     fields, ``accs`` ({seed: accuracy}) and ``test_accuracy`` as the mean over the seeds."""
@@ -107,7 +112,7 @@ def _designs(runs: list[dict]) -> list[dict]:
     for r in runs:
         if str(r.get("diverged", "false")).lower() == "true":
             continue
-        d = out.setdefault(tuple(r.get(k) for k in _DESIGN), {**r, "accs": {}})
+        d = out.setdefault(design_key(r), {**r, "accs": {}})
         d["accs"][int(r.get("seed", 0))] = r["test_accuracy"]
     for d in out.values():
         d["test_accuracy"], d["std"], d["se"] = _stats(list(d["accs"].values()))
