@@ -303,13 +303,31 @@ class _NNX:
         del rng  # NNX modules carry their RNG streams in their state
         graph = self.graph_train if train else self.graph_eval
         p = jax.tree.unflatten(self.params_def, jax.tree.leaves(params))
-        s = jax.tree.unflatten(self.state_def, jax.tree.leaves(state.get("state", {})))
+        s = jax.tree.unflatten(self.state_def, self._state_leaves(state.get("state", {})))
         module = nnx.merge(graph, p, s)
         y = module(x)
         if not train:
             return y, state
         _, _, new = nnx.split(module, nnx.Param, ...)
         return y, ({"state": nnx.to_pure_dict(new)} if state else {})
+
+    def _state_leaves(self, given) -> list:
+        """The leaves of the module's state from ``given``, its RNG streams taken from the
+        module where ``given`` leaves them out (an exported state keeps what inference needs).
+        """
+        out = []
+        for path, default in zip(_leaf_paths(self.state), jax.tree.leaves(self.state)):
+            try:
+                out.append(get_path(given, path))
+            except (KeyError, IndexError, TypeError):
+                if _is_inference_state(path, default):
+                    name = "/".join(map(str, ("state", *path)))
+                    raise ValueError(
+                        f"state has no {name}: pass the model state that training or"
+                        " export.restore returned"
+                    ) from None
+                out.append(default)
+        return out
 
 
 def _mode_kwargs(fn, given: dict | None, train: bool) -> dict:

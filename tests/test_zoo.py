@@ -41,6 +41,7 @@ CASES = {
     "linen_resnet": (lambda: zoo.ResNet(), {}, _image_batch),
     "nnx_resnet": (lambda: zoo.NNXResNet(rngs=nnx.Rngs(0)), {}, _image_batch),
     "transformer_lm": (lambda: _lm()[0], {"eval_model": _lm()[1]}, _tokens),
+    "nnx_encoder": (lambda: zoo.NNXTextClassifier(rngs=nnx.Rngs(0, dropout=1)), {}, _tokens),
 }
 
 
@@ -84,8 +85,9 @@ def _rules(name):
     """2-bit weights, 4-bit activations, 4X blocks on every covered layer."""
     q = dict(w_bits=2, a_bits=4, compression=4, scale_mode="learned", learn_clip=True)
     narrow = (4, 2)  # for matrix views 10 (classes) wide
-    if name == "transformer_lm":
-        return [wrap.Rule(pattern=".*", block_shape=(4, 4), **q)]
+    if name in ("transformer_lm", "nnx_encoder"):
+        head = [wrap.Rule(pattern="classifier", block_shape=narrow, **q)] if "nnx" in name else []
+        return [*head, wrap.Rule(pattern=".*", block_shape=(4, 4), **q)]
     head = {"linen_cnn": "Dense_1", "nnx_cnn": "linear2", "linen_resnet": "Dense_0"}.get(
         name, "linear"
     )
@@ -187,6 +189,18 @@ def test_batch_statistics_are_carried_and_used_by_evaluation():
     want = model.apply(variables, x, train=False)
     got = training.logits_fn(model, plan, state.params, spec, x, state.model_state)
     assert float(jnp.max(jnp.abs(got - want))) == 0.0
+
+
+def test_nnx_state_without_batch_statistics_is_refused_in_one_line():
+    """RNG streams left out of an NNX state come from the module; statistics may not."""
+    model = zoo.NNXResNet(rngs=nnx.Rngs(0))
+    x = _image_batch()
+    plan = wrap.make_plan(model, [], x)
+    params, state = plan.init_variables(jax.random.key(0), x)
+    qp = plan.init_qparams(params, plan.init_spec())
+    blocks = {k: v for k, v in state["state"].items() if k != "bn_init"}
+    with pytest.raises(ValueError, match=r"^state has no state/bn_init/mean: pass the model st"):
+        plan.apply(model, params, qp, plan.init_spec(), x, state={"state": blocks})
 
 
 @pytest.mark.parametrize("name", list(CASES))

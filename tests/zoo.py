@@ -11,6 +11,9 @@ call signatures), only smaller:
 * ``NNXResNet`` / ``NNXResNetBlock``: the same ResNet in Flax NNX.
 * ``TransformerLM``: the decoder-only language model of ``examples/lm1b/models.py``, with
   logically partitioned params and ``config.deterministic`` selecting dropout.
+* ``NNXTextClassifier`` / ``NNXTransformerEncoder``: the encoder of JAX's "Implement ViT from
+  scratch" tutorial in Flax NNX (``nnx.MultiHeadAttention``, ``nnx.Dropout`` layers holding
+  their RNG streams, ``nnx.Sequential``), on token embeddings with learned positions.
 """
 
 from collections.abc import Callable, Sequence
@@ -491,3 +494,75 @@ class TransformerLM(nn.Module):
             decoder_mask=decoder_mask,
         )
         return logits.astype(self.config.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# JAX "Implement ViT from scratch" tutorial (Flax NNX), on tokens
+
+
+class NNXTransformerEncoder(nnx.Module):
+    """Pre-norm Transformer encoder block; dropout layers keep their own RNG streams."""
+
+    def __init__(
+        self, hidden_size: int, mlp_dim: int, num_heads: int, dropout_rate: float, *, rngs
+    ):
+        self.norm1 = nnx.LayerNorm(hidden_size, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=num_heads,
+            in_features=hidden_size,
+            dropout_rate=dropout_rate,
+            broadcast_dropout=False,
+            decode=False,
+            deterministic=False,
+            rngs=rngs,
+        )
+        self.norm2 = nnx.LayerNorm(hidden_size, rngs=rngs)
+        self.mlp = nnx.Sequential(
+            nnx.Linear(hidden_size, mlp_dim, rngs=rngs),
+            nnx.gelu,
+            nnx.Dropout(dropout_rate, rngs=rngs),
+            nnx.Linear(mlp_dim, hidden_size, rngs=rngs),
+            nnx.Dropout(dropout_rate, rngs=rngs),
+        )
+
+    def __call__(self, x):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class NNXTextClassifier(nnx.Module):
+    """Token embeddings plus learned positions, encoder blocks, a mean-pooled linear head."""
+
+    def __init__(
+        self,
+        *,
+        rngs: nnx.Rngs,
+        vocab_size: int = 32,
+        max_len: int = 12,
+        hidden_size: int = 16,
+        mlp_dim: int = 32,
+        num_heads: int = 2,
+        num_layers: int = 1,
+        num_classes: int = 10,
+        dropout_rate: float = 0.1,
+    ):
+        self.embed = nnx.Embed(vocab_size, hidden_size, rngs=rngs)
+        init = nnx.initializers.truncated_normal(stddev=0.02)
+        self.pos_embedding = nnx.Param(init(rngs.params(), (1, max_len, hidden_size)))
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+        self.encoder = nnx.List(
+            [
+                NNXTransformerEncoder(hidden_size, mlp_dim, num_heads, dropout_rate, rngs=rngs)
+                for _ in range(num_layers)
+            ]
+        )
+        self.final_norm = nnx.LayerNorm(hidden_size, rngs=rngs)
+        self.classifier = nnx.Linear(hidden_size, num_classes, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens) + self.pos_embedding[:, : tokens.shape[1]]
+        x = self.dropout(x)
+        for block in self.encoder:
+            x = block(x)
+        return self.classifier(self.final_norm(x).mean(axis=1))
