@@ -12,8 +12,9 @@ function computes.
 This covers every layer that multiplies by a parameter, whatever framework defines it: Linen
 ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``Embed`` and NNX ``Linear``,
 ``LinearGeneral``, ``Einsum``, ``Conv``, ``Embed``, and hand-written ``x @ w``. Calls of
-jitted functions are entered; other higher-order primitives (``scan``, ``while``, ``cond``,
-``remat``, custom derivatives) run as they are, and a parameter used only inside one stays
+jitted functions and remat (``jax.checkpoint``, ``nn.remat``, ``nnx.remat``) bodies are
+entered, the latter kept rematerialised; other higher-order primitives (``scan``, ``while``,
+``cond``, custom derivatives) run as they are, and a parameter used only inside one stays
 uncovered (:attr:`Trace.hidden` lists them).
 
 The interpreter also tracks which values are provably non-negative (outputs of ReLU, ``max``
@@ -77,6 +78,7 @@ _NONNEG_ALL = frozenset(
 # Primitives whose result is non-negative whatever the operands.
 _NONNEG_ANY = frozenset({"exp", "exp2", "abs", "logistic", "square", "erfc"})
 _CALLS = ("pjit", "jit", "closed_call", "core_call")
+REMAT = "remat2"  # ``jax.checkpoint`` / ``nn.remat`` / ``nnx.remat``: entered, kept rematerialised
 INPUT = "input"  # origin of the function's input in the interpreter (parameters: leaf index)
 
 
@@ -149,10 +151,12 @@ def trace(fn: Callable, params, *args) -> Trace:
 
 
 def _inner(eqn):
-    """The closed jaxpr of a call primitive the interpreter enters, else None."""
+    """The closed jaxpr of a call or remat primitive the interpreter enters, else None."""
     if eqn.primitive.name in _CALLS:
         j = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
         return j if isinstance(j, jcore.ClosedJaxpr) else None
+    if eqn.primitive.name == REMAT:
+        return jcore.ClosedJaxpr(eqn.params["jaxpr"], ())
     return None
 
 
@@ -278,9 +282,7 @@ def _eval(jaxpr, consts, args, origin, nonneg, hook, counter):
         name = eqn.primitive.name
         inner = _inner(eqn)
         if inner is not None:
-            outs, oflags, origins = _eval(
-                inner.jaxpr, inner.consts, invals, srcs, flags, hook, counter
-            )
+            outs, oflags, origins = _enter(eqn, inner, invals, srcs, flags, hook, counter)
             for v, val, f, o in zip(eqn.outvars, outs, oflags, origins):
                 env[v], pos[v], org[v] = val, f, o
             continue
@@ -301,6 +303,23 @@ def _eval(jaxpr, consts, args, origin, nonneg, hook, counter):
         [flag(v) for v in jaxpr.outvars],
         [source(v) for v in jaxpr.outvars],
     )
+
+
+def _enter(eqn, inner, invals, srcs, flags, hook, counter):
+    """Evaluates a call's body; a remat body under ``jax.checkpoint`` with its settings, so
+    it stays rematerialised. Returns the outputs, their non-negativity and their origins."""
+    found = []
+
+    def body(*vals):
+        res = _eval(inner.jaxpr, inner.consts, list(vals), srcs, flags, hook, counter)
+        found.append(res[1:])
+        return res[0]
+
+    if eqn.primitive.name == REMAT:
+        p = eqn.params
+        body = jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])
+    outs = body(*invals)
+    return outs, *found[-1]
 
 
 def _bind(eqn, invals, bind_params, site, hook):

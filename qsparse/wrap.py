@@ -992,6 +992,7 @@ def _record_uses(adapter, params, state, x):
 
     def record(site, prim, ops, bind_params):
         a = None if site.kind == intercept.GATHER else ops[1 - site.weight]
+        a = None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)  # inside remat too
         seen.setdefault(site.param, []).append((site, a, bind_params))
         return prim.bind(*ops, **bind_params)
 
@@ -1059,7 +1060,7 @@ def _check_rules_used(rules: Sequence[Rule], used: list[bool], names: list, hidd
     for j, r in enumerate(rules):
         if not used[j]:
             also = (
-                f"; not covered (used inside scan/while/cond/remat or a custom-derivative"
+                f"; not covered (used inside scan/while/cond or a custom-derivative"
                 f" function): {hidden}"
                 if hidden
                 else ""

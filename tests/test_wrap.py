@@ -1,8 +1,12 @@
+import contextlib
+import io
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from qsparse import models, wrap
 from qsparse.quant import quantize_weight
@@ -252,3 +256,54 @@ def test_layers_inside_a_scan_are_named_as_not_covered():
     with pytest.raises(ValueError, match="not covered .*scan.*cells/Dense_0/kernel") as e:
         wrap.make_plan(Scanned(), [wrap.Rule(pattern="cells.*", w_bits=2)], X)
     assert "\n" not in str(e.value)
+
+
+class Residual(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(16)(nn.relu(nn.Dense(16)(x)))
+
+
+class RematNet(nn.Module):
+    """Residual blocks under ``nn.remat``, as memory-bound Flax models write them."""
+
+    remat: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16)(x)
+        block = nn.remat(Residual) if self.remat else Residual
+        for i in range(2):
+            x = block(name=f"block{i}")(x)
+        return nn.Dense(10)(x)
+
+
+def test_layers_inside_remat_are_covered_and_stay_rematerialised():
+    x = jax.random.normal(jax.random.key(1), (8, 8))
+    q = dict(w_bits=2, a_bits=4, scale_mode="learned", learn_clip=True)
+    runs = {}
+    for remat in (True, False):
+        model = RematNet(remat=remat)
+        plan = wrap.make_plan(model, [wrap.Rule(pattern=".*", **q)], x[:1])
+        params, _ = plan.init_variables(jax.random.key(0), x)
+        spec = plan.init_spec()
+        qp = plan.init_qparams(params, spec)
+
+        def loss(p, plan=plan, qp=qp, spec=spec):
+            return jnp.sum(plan.apply(None, p, qp, spec, x) ** 2)
+
+        grads = jax.grad(loss)(params)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # one line per value kept for the backward pass
+            print_saved_residuals(loss, params)
+        saved = out.getvalue().splitlines()
+        runs[remat] = (list(plan.layers), loss(params), grads, len(saved))
+        fp = wrap.make_plan(model, [], x[:1])
+        want = model.apply({"params": params}, x)
+        got = fp.apply(None, params, fp.init_qparams(params, fp.init_spec()), fp.init_spec(), x)
+        assert float(jnp.max(jnp.abs(got - want))) == 0.0
+    layers, value, grads, saved = runs[True]
+    assert layers == runs[False][0] and "block1/Dense_0" in layers
+    assert float(value) == float(runs[False][1])
+    jax.tree.map(np.testing.assert_array_equal, grads, runs[False][2])
+    assert saved < runs[False][3]  # the blocks' activations are recomputed, not kept
