@@ -329,6 +329,38 @@ def test_other_models_are_written_whole_or_with_a_graph(tmp_path):
     assert np.max(np.abs(export.load(path).predict(x) - net.logits(tree, spec, x))) <= 1e-5
 
 
+class _Bf16(nn.Module):
+    """Parameters and compute in bfloat16, as memory-bound fine-tuning keeps them."""
+
+    @nn.compact
+    def __call__(self, x):
+        d = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+        x = nn.relu(nn.Dense(16, **d)(x))
+        return nn.Dense(4, **d)(x).astype(jnp.float32)
+
+
+def test_bfloat16_parameters_restore_to_the_trained_predictions(tmp_path):
+    model = _Bf16()
+    x = jax.random.normal(jax.random.key(0), (16, 8))
+    q = dict(w_bits=2, a_bits=4, scale_mode="learned", learn_clip=True)
+    rules = [wrap.Rule(pattern=".*", block_shape=(4, 4), compression=2, **q)]
+    plan = wrap.make_plan(model, rules, x[:1])
+    sched = training.Schedule(total_steps=6, prune_begin=1, prune_end=4, prune_every=1)
+    spec = training.make_spec(plan.init_spec(), learning_rate=1e-2)
+    state = training.init_state(model, plan, sched, spec, jax.random.key(1), x[:1])
+    step = jax.jit(training.make_train_step(model, plan, sched))
+    for _ in range(sched.total_steps):
+        state, _ = step(state, (x, jnp.arange(16) % 4), spec)
+    want = training.logits_fn(model, plan, state.params, spec, x, state.model_state)
+    export.save(tmp_path / "b.qsp", plan, state.params, spec, model=model)
+    packed = export.load(tmp_path / "b.qsp")
+    assert [lay["dtype"] for lay in packed.manifest["layers"]] == ["bfloat16"] * 2
+    r = export.restore(packed)
+    assert all(v.dtype == jnp.bfloat16 for v in jax.tree.leaves(r.params))
+    got = plan.apply(model, r.params, r.qparams, r.spec, x, quantized=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 # ---- a trained digits model ----------------------------------------------------------------
 
 

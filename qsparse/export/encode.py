@@ -15,7 +15,14 @@ import numpy as np
 
 from qsparse import memory as mem
 from qsparse import quant
-from qsparse.export.format import FULL, blocks, code_levels, pack_bits, unsigned_codes
+from qsparse.export.format import (
+    FULL,
+    KERNEL_DTYPES,
+    blocks,
+    code_levels,
+    pack_bits,
+    unsigned_codes,
+)
 from qsparse.wrap import Plan, get_path
 
 
@@ -153,13 +160,15 @@ def _weight_scale(lp, qparams, steps) -> np.ndarray:
     return s.astype(np.float32)
 
 
-def _add_codes(payload, lp, mat, s, w_bits: int, keep, block_shape) -> str:
-    """Packs the unsigned codes of the kept blocks; ValueError if ``mat`` is not code * scale."""
+def _add_codes(payload, lp, mat, s, w_bits: int, keep, block_shape, dtype) -> str:
+    """Packs the unsigned codes of the kept blocks; ValueError if ``mat`` is not code * scale
+    (rounded to ``dtype``)."""
     name, zero_level = lp.name, lp.rule.zero_level
     bm, bn = block_shape
     grid = (mat.shape[0] // bm, mat.shape[1] // bn)
     codes = _signed_codes(mat, s, w_bits, zero_level)
     back = (code_levels(unsigned_codes(codes, w_bits), w_bits, zero_level) * s).astype(np.float32)
+    back = back.astype(dtype).astype(np.float32)
     # Only kept blocks are stored; pruned ones are exact zeros (not on a 1-bit or mid-rise
     # grid, and never decoded).
     stored = np.repeat(np.repeat(keep.reshape(grid), bm, 0), bn, 1)
@@ -223,7 +232,27 @@ def _add_index(payload, name: str, keep, grid, sparse: bool) -> tuple[str, dict]
     return index, arrays
 
 
-def encode_weight(payload, lp, q, w_bits: int, qparams, steps) -> tuple[dict, dict]:
+def kernel_dtype(q) -> str:
+    """The dtype name a covered kernel is stored and decoded in.
+
+    Args:
+      q: the fake-quantized kernel.
+
+    Returns:
+      One of :data:`~qsparse.export.format.KERNEL_DTYPES`.
+
+    Raises:
+      ValueError: another dtype.
+    """
+    dtype = str(np.asarray(q).dtype)
+    if dtype not in KERNEL_DTYPES:
+        raise ValueError(f"kernel dtype={dtype} cannot be exported: allowed {KERNEL_DTYPES}")
+    return dtype
+
+
+def encode_weight(
+    payload, lp, q, w_bits: int, qparams, steps, dtype="float32"
+) -> tuple[dict, dict]:
     """Writes one covered weight: codes (or float32 values) of the kept blocks, index, scale.
 
     Args:
@@ -233,6 +262,8 @@ def encode_weight(payload, lp, q, w_bits: int, qparams, steps) -> tuple[dict, di
       w_bits: its bit width (32: float32 values).
       qparams: the quantizer parameters (learned steps).
       steps: the steps of the statistics-based quantizers, by layer.
+      dtype: the kernel's dtype: ``code * scale`` in float32 is rounded to it (bfloat16
+        parameters hold rounded values).
 
     Returns:
       ``(arrays, fields)``: the array names by role and the manifest fields that describe
@@ -261,7 +292,7 @@ def encode_weight(payload, lp, q, w_bits: int, qparams, steps) -> tuple[dict, di
         )
     else:
         s = _weight_scale(lp, qparams, steps)
-        arrays["codes"] = _add_codes(payload, lp, mat, s, w_bits, keep, (bm, bn))
+        arrays["codes"] = _add_codes(payload, lp, mat, s, w_bits, keep, (bm, bn), dtype)
     index, index_arrays = _add_index(payload, name, keep, grid, sparse)
     arrays.update(index_arrays)
     if w_bits < FULL:

@@ -25,6 +25,8 @@ HEADER_SIZE = HEADER.size  # 32
 FULL = quant.FULL_PRECISION
 # Parameters and statistics that are not covered weights are stored as they are, little-endian.
 RAW_DTYPES = ("float32", "float16", "bfloat16", "float64", "int8", "uint8", "int32", "uint32")
+# Dtypes a model-layout kernel decodes to (float32 ``code * scale``, rounded to it).
+KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class FormatError(ValueError):

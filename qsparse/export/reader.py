@@ -18,6 +18,7 @@ import numpy as np
 from qsparse import memory as mem
 from qsparse.export.format import (
     FULL,
+    KERNEL_DTYPES,
     VERSION,
     FormatError,
     array_nbytes,
@@ -38,7 +39,8 @@ class PackedLayer:
     Attributes:
       name: layer name.
       kind: ``"dense"`` or ``"conv"``.
-      kernel: the decoded dense kernel (float32, zeros in the blocks not stored).
+      kernel: the decoded dense kernel (float32, or the model-layout entry's ``dtype``;
+        zeros in the blocks not stored).
       bias: float32 biases or ``None``.
       codes: signed integer codes (kernel's matrix view ``(m, n)``, 0 outside kept blocks;
         ``None`` for 32-bit layers).
@@ -241,13 +243,16 @@ def _decode_layer(lay: dict, arrays: dict, payload: memoryview) -> PackedLayer:
     if int(np.prod(lay["kernel_shape"])) != m * n or r * bm != m or c * bn != n or k > r * c:
         fail(f"layer {name}: kernel, block and grid shapes disagree")
     keep = _decode_keep(lay, get)
+    dtype = lay.get("dtype", "float32")
+    if dtype not in KERNEL_DTYPES:
+        fail(f"layer {name}: dtype {dtype!r} is not allowed (allowed: {KERNEL_DTYPES})")
     mat, codes, scale = _decode_matrix(lay, get, keep, w_bits)
     bias = _decode_bias(lay, get, n) if lay["use_bias"] else None
     clip = get("a_clip", []) if lay["act_quantized"] else None
     return PackedLayer(
         name=name,
         kind=lay["kind"],
-        kernel=mat.reshape(lay["kernel_shape"]),
+        kernel=mat.reshape(lay["kernel_shape"]).astype(jnp.dtype(dtype)),
         bias=bias,
         codes=codes,
         scale=scale,

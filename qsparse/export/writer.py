@@ -328,7 +328,10 @@ def _encode_model_layer(payload, lp, layer_spec, qparams, quantized) -> dict:
     w_bits = min(int(_scalar(layer_spec[name]["w_bits"])), FULL)
     a_bits = min(int(_scalar(layer_spec[name]["a_bits"])), FULL)
     q = get_path(quantized["q"], lp.path)
-    arrays, fields = encode.encode_weight(payload, lp, q, w_bits, qparams, quantized["steps"])
+    dtype = encode.kernel_dtype(q)
+    arrays, fields = encode.encode_weight(
+        payload, lp, q, w_bits, qparams, quantized["steps"], dtype
+    )
     act_q = lp.act_quantized and a_bits < FULL
     if act_q:
         arrays["a_clip"] = payload.add_f32(
@@ -343,6 +346,7 @@ def _encode_model_layer(payload, lp, layer_spec, qparams, quantized) -> dict:
         "kind": lp.ops[0],
         "path": list(lp.path),
         "kernel_shape": list(lp.kernel_shape),
+        "dtype": dtype,
         "use_bias": False,
         **_quantizer_fields(lp.rule, w_bits),
         **fields,
