@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -958,6 +959,7 @@ def make_plan(
         layers[name] = _layer_plan(name, paths[i], rule, shapes[i], seen[i])
     hidden = sorted("/".join(map(str, paths[i])) for i in tr.hidden if i not in seen)
     _check_rules_used(rules, used, list(names.values()), hidden)
+    _warn_hidden(rules, hidden)
     y = out_shape[0]
     return Plan(
         layers=layers,
@@ -1068,6 +1070,17 @@ def _check_rules_used(rules: Sequence[Rule], used: list[bool], names: list, hidd
             raise ValueError(
                 f"rule pattern={r.pattern!r} matches no layer: layers are {names}{also}"
             )
+
+
+def _warn_hidden(rules: Sequence[Rule], hidden: list) -> None:
+    """Warns, in one line, of parameters a rule would cover but the interpreter cannot reach."""
+    missed = [h for h in hidden if any(re.fullmatch(r.pattern, h.rsplit("/", 1)[0]) for r in rules)]
+    if missed:
+        warnings.warn(
+            "used only inside scan/while/cond or a custom-derivative function, these stay"
+            f" float and dense (counted at their dtype) though a rule matches them: {missed}",
+            stacklevel=3,
+        )
 
 
 def _inference_state_shapes(state) -> dict:

@@ -253,6 +253,9 @@ class Scanned(nn.Module):
 def test_layers_inside_a_scan_are_named_as_not_covered():
     plan = wrap.make_plan(Scanned(), [], X)
     assert list(plan.layers) == ["Dense_0"]
+    with pytest.warns(UserWarning, match=r"stay float .*\['cells/Dense_0/bias', 'cells/Dense_0/k"):
+        plan = wrap.make_plan(Scanned(), [wrap.Rule(pattern=".*", w_bits=2)], X)
+    assert list(plan.layers) == ["Dense_0"]
     with pytest.raises(ValueError, match="not covered .*scan.*cells/Dense_0/kernel") as e:
         wrap.make_plan(Scanned(), [wrap.Rule(pattern="cells.*", w_bits=2)], X)
     assert "\n" not in str(e.value)
