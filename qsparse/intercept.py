@@ -12,8 +12,9 @@ function computes.
 This covers every layer that multiplies by a parameter, whatever framework defines it: Linen
 ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``, ``Embed`` and NNX ``Linear``,
 ``LinearGeneral``, ``Einsum``, ``Conv``, ``Embed``, and hand-written ``x @ w``. Calls of
-jitted functions and remat (``jax.checkpoint``, ``nn.remat``, ``nnx.remat``) bodies are
-entered, the latter kept rematerialised; other higher-order primitives (``scan``, ``while``,
+jitted functions, remat bodies (``jax.checkpoint``, ``nn.remat``, ``nnx.remat``; kept
+rematerialised) and scan bodies (``lax.scan``, ``nn.scan``, ``nn.RNN``: weights passed in whole,
+or stacked and sliced per step) are entered; other higher-order primitives (``while``,
 ``cond``, custom derivatives) run as they are, and a parameter used only inside one stays
 uncovered (:attr:`Trace.hidden` lists them).
 
@@ -79,6 +80,7 @@ _NONNEG_ALL = frozenset(
 _NONNEG_ANY = frozenset({"exp", "exp2", "abs", "logistic", "square", "erfc"})
 _CALLS = ("pjit", "jit", "closed_call", "core_call")
 REMAT = "remat2"  # ``jax.checkpoint`` / ``nn.remat`` / ``nnx.remat``: entered, kept rematerialised
+SCAN = "scan"  # ``lax.scan`` / ``nn.scan`` / ``nn.RNN``: its body entered on every iteration
 INPUT = "input"  # origin of the function's input in the interpreter (parameters: leaf index)
 
 
@@ -168,6 +170,9 @@ def _scan_hidden(jaxpr, origin: list, hidden: set) -> None:
         inner = _inner(eqn)
         if inner is not None:
             _scan_hidden(inner.jaxpr, ins, hidden)
+            continue
+        if eqn.primitive.name == SCAN:
+            _scan_hidden(eqn.params["jaxpr"].jaxpr, _scan_inputs(eqn, ins, None), hidden)
             continue
         if eqn.primitive.name in VIEWS and ins and ins[0] is not None:
             env[eqn.outvars[0]] = ins[0]
@@ -281,8 +286,9 @@ def _eval(jaxpr, consts, args, origin, nonneg, hook, counter):
         flags = [flag(v) for v in eqn.invars]
         name = eqn.primitive.name
         inner = _inner(eqn)
-        if inner is not None:
-            outs, oflags, origins = _enter(eqn, inner, invals, srcs, flags, hook, counter)
+        if inner is not None or name == SCAN:
+            enter = _enter if inner is not None else _enter_scan
+            outs, oflags, origins = enter(eqn, inner, invals, srcs, flags, hook, counter)
             for v, val, f, o in zip(eqn.outvars, outs, oflags, origins):
                 env[v], pos[v], org[v] = val, f, o
             continue
@@ -320,6 +326,39 @@ def _enter(eqn, inner, invals, srcs, flags, hook, counter):
         body = jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])
     outs = body(*invals)
     return outs, *found[-1]
+
+
+def _scan_inputs(eqn, values: list, carry) -> list:
+    """A scan's inputs with each carry replaced by ``carry``: constants and scanned-over
+    inputs keep what they are (a weight, or a stack of layer weights sliced per step)."""
+    nc, nk = eqn.params["num_consts"], eqn.params["num_carry"]
+    return [*values[:nc], *[carry] * nk, *values[nc + nk :]]
+
+
+def _enter_scan(eqn, inner, invals, srcs, flags, hook, counter):
+    """Runs a scan again with the interpreter as its body (``lax.scan`` with the equation's
+    length, direction and unrolling). The carry counts as possibly negative and as no weight.
+    Returns the outputs, their non-negativity and their origins."""
+    del inner
+    p = eqn.params
+    body_jaxpr, nc, nk = p["jaxpr"], p["num_consts"], p["num_carry"]
+    consts, init, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
+    srcs, flags = _scan_inputs(eqn, srcs, None), _scan_inputs(eqn, flags, False)
+    found = []
+
+    def body(carry, x):
+        vals = [*consts, *carry, *x]
+        outs, oflags, _ = _eval(
+            body_jaxpr.jaxpr, body_jaxpr.consts, vals, srcs, flags, hook, counter
+        )
+        found.append(oflags)
+        return outs[:nk], outs[nk:]
+
+    carry, ys = jax.lax.scan(
+        body, list(init), list(xs), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+    )
+    outs = [*carry, *ys]
+    return outs, [False] * nk + found[-1][nk:], [None] * len(outs)
 
 
 def _bind(eqn, invals, bind_params, site, hook):

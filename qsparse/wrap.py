@@ -1062,8 +1062,7 @@ def _check_rules_used(rules: Sequence[Rule], used: list[bool], names: list, hidd
     for j, r in enumerate(rules):
         if not used[j]:
             also = (
-                f"; not covered (used inside scan/while/cond or a custom-derivative"
-                f" function): {hidden}"
+                f"; not covered (used inside while/cond or a custom-derivative function): {hidden}"
                 if hidden
                 else ""
             )
@@ -1077,7 +1076,7 @@ def _warn_hidden(rules: Sequence[Rule], hidden: list) -> None:
     missed = [h for h in hidden if any(re.fullmatch(r.pattern, h.rsplit("/", 1)[0]) for r in rules)]
     if missed:
         warnings.warn(
-            "used only inside scan/while/cond or a custom-derivative function, these stay"
+            "used only inside while/cond or a custom-derivative function, these stay"
             f" float and dense (counted at their dtype) though a rule matches them: {missed}",
             stacklevel=3,
         )

@@ -242,22 +242,49 @@ class Cell(nn.Module):
 
 
 class Scanned(nn.Module):
+    """Two layers stacked by ``nn.scan`` (params on a leading axis), then an RNN's shared cell."""
+
     @nn.compact
     def __call__(self, x):
         x = nn.Dense(4)(x.reshape((x.shape[0], -1)))
         cells = nn.scan(Cell, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
         x, _ = cells(name="cells")(x, None)
-        return x
+        return nn.RNN(nn.SimpleCell(4))(x[:, None, :].repeat(3, axis=1))[:, -1]
 
 
-def test_layers_inside_a_scan_are_named_as_not_covered():
-    plan = wrap.make_plan(Scanned(), [], X)
+def test_layers_inside_a_scan_are_covered_stacked_or_shared():
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+    model = Scanned()
+    plan = wrap.make_plan(model, [wrap.Rule(pattern=".*", w_bits=2, a_bits=4)], x[:1])
+    assert plan.layers["cells/Dense_0"].kernel_shape == (2, 4, 4)  # one weight per step
+    assert {"SimpleCell_0/i", "SimpleCell_0/h"} <= set(plan.layers)  # the cell, every step
+    params, _ = plan.init_variables(jax.random.key(1), x)
+    fp = wrap.make_plan(model, [], x[:1])
+    spec = fp.init_spec()
+    got = fp.apply(None, params, fp.init_qparams(params, spec), spec, x)
+    assert float(jnp.max(jnp.abs(got - model.apply({"params": params}, x)))) == 0.0
+    # At 4-bit inputs each step's matmul reads the quantized carry: the output moves.
+    spec = plan.init_spec()
+    low = plan.apply(None, params, plan.init_qparams(params, spec), spec, x)
+    assert float(jnp.max(jnp.abs(low - got))) > 0
+
+
+class Branched(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(4)(x.reshape((x.shape[0], -1)))
+        branch = nn.Dense(4, name="branch")
+        return nn.cond(jnp.sum(x) > 0, lambda m, v: m(v), lambda m, v: -m(v), branch, x)
+
+
+def test_layers_inside_a_cond_are_named_as_not_covered():
+    plan = wrap.make_plan(Branched(), [], X)
     assert list(plan.layers) == ["Dense_0"]
-    with pytest.warns(UserWarning, match=r"stay float .*\['cells/Dense_0/bias', 'cells/Dense_0/k"):
-        plan = wrap.make_plan(Scanned(), [wrap.Rule(pattern=".*", w_bits=2)], X)
+    with pytest.warns(UserWarning, match=r"stay float .*\['branch/bias', 'branch/kernel'\]"):
+        plan = wrap.make_plan(Branched(), [wrap.Rule(pattern=".*", w_bits=2)], X)
     assert list(plan.layers) == ["Dense_0"]
-    with pytest.raises(ValueError, match="not covered .*scan.*cells/Dense_0/kernel") as e:
-        wrap.make_plan(Scanned(), [wrap.Rule(pattern="cells.*", w_bits=2)], X)
+    with pytest.raises(ValueError, match="not covered .*cond.*branch/kernel") as e:
+        wrap.make_plan(Branched(), [wrap.Rule(pattern="branch", w_bits=2)], X)
     assert "\n" not in str(e.value)
 
 

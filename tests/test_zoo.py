@@ -42,6 +42,7 @@ CASES = {
     "nnx_resnet": (lambda: zoo.NNXResNet(rngs=nnx.Rngs(0)), {}, _image_batch),
     "transformer_lm": (lambda: _lm()[0], {"eval_model": _lm()[1]}, _tokens),
     "nnx_encoder": (lambda: zoo.NNXTextClassifier(rngs=nnx.Rngs(0, dropout=1)), {}, _tokens),
+    "linen_lstm": (lambda: zoo.TextClassifier(), {}, _tokens),
 }
 
 
@@ -50,6 +51,9 @@ def _reference(name, model, kwargs, params, state, x, train, rng):
     if name == "transformer_lm":
         m = model if train else kwargs["eval_model"]
         return m.apply({"params": params}, x, rngs={"dropout": jax.random.fold_in(rng, 0)})
+    if name == "linen_lstm":
+        rngs = {"dropout": jax.random.fold_in(rng, 0)}
+        return model.apply({"params": params}, x, deterministic=not train, rngs=rngs)
     variables = {"params": params, **state}
     if name == "linen_cnn":
         return model.apply(variables, x)
@@ -85,8 +89,10 @@ def _rules(name):
     """2-bit weights, 4-bit activations, 4X blocks on every covered layer."""
     q = dict(w_bits=2, a_bits=4, compression=4, scale_mode="learned", learn_clip=True)
     narrow = (4, 2)  # for matrix views 10 (classes) wide
-    if name in ("transformer_lm", "nnx_encoder"):
-        head = [wrap.Rule(pattern="classifier", block_shape=narrow, **q)] if "nnx" in name else []
+    if name in ("transformer_lm", "nnx_encoder", "linen_lstm"):
+        out = {"nnx_encoder": "classifier", "linen_lstm": "output"}
+        shape = (2, 2) if name == "linen_lstm" else narrow  # an 8 x 10 view: 20 blocks
+        head = [wrap.Rule(pattern=out[name], block_shape=shape, **q)] if name in out else []
         return [*head, wrap.Rule(pattern=".*", block_shape=(4, 4), **q)]
     head = {"linen_cnn": "Dense_1", "nnx_cnn": "linear2", "linen_resnet": "Dense_0"}.get(
         name, "linear"
@@ -157,6 +163,9 @@ def test_memory_counts_every_parameter_of_the_model(name):
     assert sum(e["params"] for e in m["layers"].values()) == n_params
     covered = sum(int(np.prod(lp.kernel_shape)) for lp in plan.layers.values())
     assert covered < n_params  # biases, norms: counted beside the covered weights
+    # Every weight is covered, inside remat or scan (an LSTM's cells) too.
+    weights = {p for p in plan.params_shapes if p[-1] in ("kernel", "embedding")}
+    assert {lp.path for lp in plan.layers.values()} == weights
     assert m["weight_memory_bits"] < m["fp32_weight_memory_bits"]
 
 

@@ -11,6 +11,9 @@ call signatures), only smaller:
 * ``NNXResNet`` / ``NNXResNetBlock``: the same ResNet in Flax NNX.
 * ``TransformerLM``: the decoder-only language model of ``examples/lm1b/models.py``, with
   logically partitioned params and ``config.deterministic`` selecting dropout.
+* ``TextClassifier``: the sentiment model of ``examples/sst2/models.py`` (embeddings, dropout,
+  a bidirectional ``nn.RNN`` of ``nn.LSTMCell``, a tanh layer and the output), every sequence
+  at full length.
 * ``NNXTextClassifier`` / ``NNXTransformerEncoder``: the encoder of JAX's "Implement ViT from
   scratch" tutorial in Flax NNX (``nnx.MultiHeadAttention``, ``nnx.Dropout`` layers holding
   their RNG streams, ``nnx.Sequential``), on token embeddings with learned positions.
@@ -494,6 +497,33 @@ class TransformerLM(nn.Module):
             decoder_mask=decoder_mask,
         )
         return logits.astype(self.config.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# examples/sst2/models.py
+
+
+class TextClassifier(nn.Module):
+    """Embeddings, dropout, a bidirectional LSTM, a tanh layer and the output layer."""
+
+    embedding_size: int = 8
+    hidden_size: int = 8
+    vocab_size: int = 32
+    output_size: int = 10
+    dropout_rate: float = 0.1
+
+    @nn.compact
+    def __call__(self, token_ids, deterministic: bool = False):
+        embedded = nn.Embed(self.vocab_size, self.embedding_size, name="embedder")(token_ids)
+        embedded = nn.Dropout(self.dropout_rate, deterministic=deterministic)(embedded)
+        encoded = nn.Bidirectional(
+            nn.RNN(nn.LSTMCell(self.hidden_size)),
+            nn.RNN(nn.LSTMCell(self.hidden_size)),
+            name="encoder",
+        )(embedded)
+        hidden = nn.tanh(nn.Dense(self.hidden_size, name="intermediate")(encoded[:, -1]))
+        hidden = nn.Dropout(self.dropout_rate, deterministic=deterministic)(hidden)
+        return nn.Dense(self.output_size, name="output")(hidden)
 
 
 # --------------------------------------------------------------------------------------------
