@@ -34,12 +34,7 @@ def design_diffs(a: Path, b: Path) -> list[dict]:
     """
     rows = []
     for part in SWEEPS:
-        da = {
-            report.design_key(d): d for d in report._designs(report._csv(a / part / "results.csv"))
-        }
-        db = {
-            report.design_key(d): d for d in report._designs(report._csv(b / part / "results.csv"))
-        }
+        da, db = _by_design(a / part), _by_design(b / part)
         for k in sorted(set(da) & set(db), key=str):
             diff, se = report._paired(db[k], da[k])
             beyond = math.isfinite(se) and abs(diff) > 2 * se
@@ -48,6 +43,11 @@ def design_diffs(a: Path, b: Path) -> list[dict]:
                  "beyond": beyond}
             )  # fmt: skip
     return rows
+
+
+def _by_design(sweep: Path) -> dict:
+    """A sweep directory's designs keyed by :func:`report.design_key`."""
+    return {report.design_key(d): d for d in report._designs(report._csv(sweep / "results.csv"))}
 
 
 def _design_name(d: dict) -> str:

@@ -993,8 +993,8 @@ def _record_uses(adapter, params, state, x):
     seen: dict[int, list] = {}
 
     def record(site, prim, ops, bind_params):
-        a = None if site.kind == intercept.GATHER else ops[1 - site.weight]
-        a = None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype)  # inside remat too
+        a = ops[1 - site.weight]  # its shape only: the value may belong to a remat/scan trace
+        a = None if site.kind == intercept.GATHER else jax.ShapeDtypeStruct(a.shape, a.dtype)
         seen.setdefault(site.param, []).append((site, a, bind_params))
         return prim.bind(*ops, **bind_params)
 
@@ -1057,15 +1057,15 @@ def _int_matmul_form(acts: list, kernel) -> bool:
     )
 
 
+# Where the interpreter does not reach a weight (qsparse.intercept enters calls, remat, scan).
+_UNREACHED = "used only inside while/cond or a custom-derivative function"
+
+
 def _check_rules_used(rules: Sequence[Rule], used: list[bool], names: list, hidden: list):
     """ValueError naming the first rule that matches no layer."""
     for j, r in enumerate(rules):
         if not used[j]:
-            also = (
-                f"; not covered (used inside while/cond or a custom-derivative function): {hidden}"
-                if hidden
-                else ""
-            )
+            also = f"; not covered ({_UNREACHED}): {hidden}" if hidden else ""
             raise ValueError(
                 f"rule pattern={r.pattern!r} matches no layer: layers are {names}{also}"
             )
@@ -1076,8 +1076,8 @@ def _warn_hidden(rules: Sequence[Rule], hidden: list) -> None:
     missed = [h for h in hidden if any(re.fullmatch(r.pattern, h.rsplit("/", 1)[0]) for r in rules)]
     if missed:
         warnings.warn(
-            "used only inside while/cond or a custom-derivative function, these stay"
-            f" float and dense (counted at their dtype) though a rule matches them: {missed}",
+            f"{_UNREACHED}, these stay float and dense (counted at their dtype) though a rule"
+            f" matches them: {missed}",
             stacklevel=3,
         )
 
